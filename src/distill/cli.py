@@ -1,0 +1,200 @@
+"""The `distill` command. The only place that parses arguments and prints for people: everything below
+raises typed errors, turned here into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from distill.errors import DistillError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil a teacher model into a smaller student.")
+console = Console(stderr=True)
+out = Console()
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: a.b.c=value (repeatable).")]
+
+
+class RichProgress:
+    """Progress bars for every long step (loading, generation, training, evaluation)."""
+
+    def __init__(self) -> None:
+        self._bar: Progress | None = None
+        self._task: int | None = None
+
+    def start(self, label: str, total: int | None) -> None:
+        self.finish()
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            transient=False,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(label, total=total, info="")
+
+    def advance(self, n: int = 1, info: str = "") -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, advance=n, info=info)  # type: ignore[arg-type]
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+            self._task = None
+
+    def log(self, message: str) -> None:
+        console.print(f"[dim]{message}[/dim]")
+
+
+def _summary_table(summary: dict) -> Table:  # type: ignore[type-arg]
+    table = Table(title=f"held-out results: {summary.get('name')}")
+    for col in ("model", "KL(t||s)", "reverse KL", "top-1 agree", "student NLL"):
+        table.add_column(col)
+
+    def row(label: str, ev: dict | None) -> None:  # type: ignore[type-arg]
+        if not ev:
+            return
+        fmt = [ev.get(k) for k in ("kl", "reverse_kl", "top1_agreement", "student_nll")]
+        table.add_row(label, *("-" if v is None else f"{v:.4f}" for v in fmt))
+
+    row("student before", summary.get("before"))
+    for name, res in summary.get("methods", {}).items():
+        row(name, res.get("after"))
+    return table
+
+
+def _run(recipe_name: str, overrides: list[str] | None, resume: bool) -> None:
+    from distill.pipeline import run_recipe
+    from distill.recipe import load_recipe
+
+    recipe = load_recipe(recipe_name, overrides)
+    progress = RichProgress()
+    try:
+        summary = run_recipe(recipe, resume=resume, progress=progress)
+    finally:
+        progress.finish()
+    out.print(_summary_table(summary))
+    run_dir = recipe.run_dir()
+    out.print(f"report: {run_dir / 'report.md'} (and report.html); total {summary['timing']['total_s']:.0f} s")
+
+
+@app.command()
+def run(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file or built-in recipe name.")],
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoints.")] = False,
+) -> None:
+    """Run a recipe: generate data, train every method, evaluate, write the report."""
+    _run(recipe, set_, resume)
+
+
+@app.command()
+def quickstart(
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume")] = False,
+) -> None:
+    """Distil SmolLM2-135M-Instruct into a 6-layer pruned copy (logit_kd vs the seq_kd baseline)."""
+    _run("quickstart", set_, resume)
+
+
+@app.command()
+def validate(recipe: str, set_: SetOpt = None) -> None:
+    """Check a recipe without loading any model."""
+    from distill.recipe import load_recipe
+
+    r = load_recipe(recipe, set_)
+    out.print(f"ok: {recipe} (method {r.method.name}, {len(r.baselines)} baseline(s), {r.train.steps} steps)")
+
+
+@app.command()
+def recipes() -> None:
+    """List built-in recipes."""
+    import yaml
+
+    from distill.recipe import builtin_recipes
+
+    table = Table(title="built-in recipes")
+    table.add_column("name")
+    table.add_column("description")
+    for name, path in builtin_recipes().items():
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        table.add_row(name, str(data.get("description", "")))
+    out.print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    recipe: str,
+    student: Annotated[Path, typer.Option("--student", help="A saved student folder.")],
+    output: Annotated[Path | None, typer.Option("--output", help="Where to write eval.json.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a saved student against the recipe's teacher on the recipe's held-out data."""
+    from distill.evaluate_cmd import evaluate_saved
+    from distill.recipe import load_recipe
+
+    r = load_recipe(recipe, set_)
+    progress = RichProgress()
+    try:
+        result, path = evaluate_saved(r, student, output, progress)
+    finally:
+        progress.finish()
+    out.print(_summary_table({"name": str(student), "methods": {"student": {"after": result}}}))
+    out.print(f"wrote {path}")
+
+
+@app.command()
+def generate(
+    recipe: str,
+    input_: Annotated[str, typer.Option("--input", help="JSONL/Parquet of prompts (or messages).")],
+    output: Annotated[Path, typer.Option("--output", help="JSONL of chat messages with the teacher's answers.")],
+    set_: SetOpt = None,
+) -> None:
+    """Let the recipe's teacher answer every prompt (sequence-KD data); written atomically."""
+    from distill.evaluate_cmd import generate_file
+    from distill.recipe import load_recipe
+
+    r = load_recipe(recipe, set_)
+    progress = RichProgress()
+    try:
+        n = generate_file(r, input_, output, progress)
+    finally:
+        progress.finish()
+    out.print(f"wrote {n} answers to {output}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except DistillError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as err:  # click usage errors and the like carry their own exit code
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

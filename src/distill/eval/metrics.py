@@ -1,0 +1,106 @@
+"""Held-out evaluation of a student against its teacher, token by token on the answer tokens.
+
+KL(teacher||student) is the headline number (what logit KD minimises); reverse KL, top-1 agreement,
+student NLL/perplexity on the teacher's answers and KL by answer position complete the picture.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from distill.data.batching import IGNORE, collate
+from distill.data.tokenize import TokenizedExample
+from distill.engine.progress import NullProgress, Progress
+from distill.teachers.base import TeacherSource
+from distill.teachers.live import body_hidden
+
+
+@torch.no_grad()
+def evaluate(
+    student: PreTrainedModel,
+    teacher: TeacherSource | None,
+    examples: list[TokenizedExample],
+    *,
+    vocab_size: int,
+    pad_id: int,
+    batch_size: int = 8,
+    buckets: list[int] | None = None,
+    chunk_size: int = 1024,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Per-token means over every answer token of `examples` (no sampling, no selection)."""
+    progress = progress or NullProgress()
+    buckets = buckets or [0, 8, 16, 32, 64, 128, 256]
+    was_training = student.training
+    student.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    sums = {"kl": 0.0, "reverse_kl": 0.0, "top1": 0.0, "nll": 0.0, "teacher_nll": 0.0}
+    n_tokens = 0
+    bucket_kl = [0.0] * len(buckets)
+    bucket_n = [0] * len(buckets)
+    head = student.get_output_embeddings()
+    assert head is not None
+    device = next(student.parameters()).device
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    progress.start("evaluating", len(batches))
+    for idx in batches:
+        batch = collate(examples, [[i] for i in idx], pad_id, packing=False).to(device)
+        select = batch.targets != IGNORE
+        prompt_len = torch.tensor([examples[i].prompt_len for i in idx], device=device)
+        answer_pos = (batch.position_ids + 1 - prompt_len[:, None])[select]
+        targets = batch.targets[select]
+        hidden = body_hidden(student, batch)[select]
+        signal = teacher.signal(batch, select) if teacher is not None else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            s_logp = torch.log_softmax(head(hidden[start:end])[:, :vocab_size].float(), dim=-1)
+            tgt = targets[start:end]
+            sums["nll"] += float(-s_logp.gather(1, tgt[:, None]).sum())
+            if signal is not None:
+                t_logp = torch.log_softmax(signal.logits(start, end), dim=-1)
+                kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+                sums["kl"] += float(kl.sum())
+                sums["reverse_kl"] += float((s_logp.exp() * (s_logp - t_logp)).sum())
+                sums["top1"] += float((t_logp.argmax(-1) == s_logp.argmax(-1)).sum())
+                sums["teacher_nll"] += float(-t_logp.gather(1, tgt[:, None]).sum())
+                pos = answer_pos[start:end]
+                for b, lo in enumerate(buckets):
+                    hi = buckets[b + 1] if b + 1 < len(buckets) else math.inf
+                    m = (pos >= lo) & (pos < hi)
+                    bucket_kl[b] += float(kl[m].sum())
+                    bucket_n[b] += int(m.sum())
+        n_tokens += hidden.shape[0]
+        progress.advance(1)
+    progress.finish()
+    if was_training:
+        student.train()
+    n = max(n_tokens, 1)
+    out: dict[str, Any] = {
+        "tokens": n_tokens,
+        "sequences": len(examples),
+        "student_nll": sums["nll"] / n,
+        "student_ppl": math.exp(min(sums["nll"] / n, 50.0)),
+    }
+    if teacher is not None:
+        out.update(
+            {
+                "kl": sums["kl"] / n,
+                "reverse_kl": sums["reverse_kl"] / n,
+                "top1_agreement": sums["top1"] / n,
+                "teacher_nll": sums["teacher_nll"] / n,
+                "kl_by_position": [
+                    {
+                        "start": lo,
+                        "end": buckets[b + 1] if b + 1 < len(buckets) else None,
+                        "tokens": bucket_n[b],
+                        "kl": bucket_kl[b] / bucket_n[b] if bucket_n[b] else None,
+                    }
+                    for b, lo in enumerate(buckets)
+                ],
+            }
+        )
+    return out

@@ -1,0 +1,43 @@
+"""`logit_kd`: match the teacher's next-token distribution at every answer token.
+
+Hinton et al. 2015 (soft targets, T^2 scaling); divergence choices from GKD (Agarwal et al. 2024: JSD(beta),
+reverse KL), DistiLLM (Ko et al. 2024: skew KL) and TVD (Wen et al. 2023, f-divergence KD).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distill.losses.fused_head import chunked_head_loss
+from distill.losses.tokens import DivergenceSpec
+from distill.methods.base import METHODS, Method, StepInput, student_rows
+from distill.recipe import LogitKD as LogitKDConfig
+
+
+@METHODS.register("logit_kd")
+class LogitKD(Method):
+    name = "logit_kd"
+    needs_teacher = True
+
+    def __init__(self, cfg: LogitKDConfig) -> None:
+        self.cfg = cfg
+        self.spec = DivergenceSpec(
+            name=cfg.divergence, temperature=cfg.temperature, beta=cfg.beta, alpha=cfg.alpha
+        )
+
+    def step(self, inp: StepInput) -> tuple[torch.Tensor, dict[str, float]]:
+        assert inp.teacher is not None, "logit_kd needs a teacher"
+        hidden, weight, targets, select = student_rows(inp)
+        signal = inp.teacher.signal(inp.batch, select)
+        loss, parts = chunked_head_loss(
+            hidden,
+            weight,
+            labels=targets if self.cfg.ce_weight > 0 else None,
+            teacher_logits=signal.logits,
+            spec=self.spec,
+            kd_weight=self.cfg.kd_weight,
+            ce_weight=self.cfg.ce_weight,
+            normalizer=inp.normalizer,
+            chunk_size=inp.chunk_size,
+        )
+        return loss, {k: float(v) for k, v in parts.items()}

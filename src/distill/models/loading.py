@@ -1,0 +1,161 @@
+"""Load teachers and students from a Hugging Face folder or a GGUF file, and save students so that
+`AutoModelForCausalLM.from_pretrained` loads them back."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from distill.errors import CompatibilityError, InputError
+from distill.recipe import ModelSource
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def resolve_path(path: str) -> Path:
+    """`pkg:NAME[/sub/path]` -> the folder of an installed package (models shipped on PyPI); else a path."""
+    if path.startswith("pkg:"):
+        name, _, rest = path[4:].partition("/")
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise InputError(f"model path {path!r}: Python package {name!r} is not installed")
+        root = Path(next(iter(spec.submodule_search_locations)))
+        return root / rest if rest else root
+    return Path(path).expanduser()
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+
+
+def _quiet_transformers() -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    _quiet_transformers()
+    folder = _checked_folder(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            str(folder), gguf_file=source.gguf_file, trust_remote_code=source.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load a tokenizer from {folder}: {str(err).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def _checked_folder(source: ModelSource) -> Path:
+    folder = resolve_path(source.path)
+    if not folder.is_dir():
+        raise InputError(f"model folder not found: {folder}")
+    if source.gguf_file is not None and not (folder / source.gguf_file).is_file():
+        raise InputError(f"GGUF file not found: {folder / source.gguf_file}")
+    if source.gguf_file is None and not (folder / "config.json").is_file():
+        raise InputError(f"not a Hugging Face model folder (no config.json): {folder}")
+    return folder
+
+
+def load_model(source: ModelSource) -> LoadedModel:
+    """Load weights (safetensors or GGUF, de-quantised) and the tokenizer; eval mode, no grad."""
+    _quiet_transformers()
+    folder = _checked_folder(source)
+    tokenizer = load_tokenizer(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder),
+            gguf_file=source.gguf_file,
+            dtype=DTYPES[source.dtype],
+            trust_remote_code=source.trust_remote_code,
+            use_safetensors=None if source.gguf_file else True,
+        )
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load a model from {folder}: {str(err).splitlines()[0]}") from None
+    model.eval()
+    name = f"{folder}/{source.gguf_file}" if source.gguf_file else str(folder)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=name)
+
+
+def fresh_copy(model: PreTrainedModel, **config_changes: Any) -> PreTrainedModel:
+    """A plain model with the same (or changed) config. GGUF-loaded models refuse `save_pretrained`, so
+    students are always rebuilt this way."""
+    config = copy.deepcopy(model.config)
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    for attr in ("gguf_file", "_name_or_path"):
+        if hasattr(config, attr):
+            setattr(config, attr, "")
+    dtype = next(model.parameters()).dtype
+    fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return fresh
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
+    """Hash of the vocabulary content (token -> id), so tokenizers are compared by what they do."""
+    vocab = tok.get_vocab()
+    blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def shared_vocab_size(teacher: LoadedModel, student: PreTrainedModel, student_tok: PreTrainedTokenizerBase) -> int:
+    """Check that teacher and student speak the same vocabulary; return the size both heads share.
+
+    Heads padded to different sizes over the same tokenizer (151936 vs 152064) are fine: logits are sliced
+    to the real vocabulary. Different tokenizers are rejected.
+    """
+    if tokenizer_fingerprint(teacher.tokenizer) != tokenizer_fingerprint(student_tok):
+        raise CompatibilityError(
+            "teacher and student tokenizers differ (vocabulary content mismatch); "
+            "logit distillation needs a shared vocabulary (cross-tokenizer distillation is not built yet)"
+        )
+    real = len(student_tok)
+    t_out = teacher.model.get_output_embeddings()
+    s_out = student.get_output_embeddings()
+    if t_out is None or s_out is None:
+        raise CompatibilityError("teacher or student has no output embedding (LM head)")
+    t_size, s_size = t_out.weight.shape[0], s_out.weight.shape[0]
+    if min(t_size, s_size) < real:
+        raise CompatibilityError(f"an LM head ({min(t_size, s_size)}) is smaller than the tokenizer ({real})")
+    return min(t_size, s_size)
+
+
+def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Save safetensors + config + tokenizer (with chat template) atomically: written to a temp folder,
+    then renamed into place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            old = folder.with_name(folder.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

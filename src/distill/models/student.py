@@ -1,0 +1,113 @@
+"""Build the student: a depth-pruned copy of the teacher, a fresh model from a config, or a pretrained one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from distill.errors import RecipeError
+from distill.models.loading import fresh_copy, load_model
+from distill.recipe import PruneConfig, StudentConfig
+
+
+def evenly_spaced_layers(total: int, keep: int) -> list[int]:
+    """`keep` indices spread over `total` layers, first and last included (the ends matter most:
+    the first layers build token features, the last ones shape the output distribution)."""
+    if keep > total:
+        raise RecipeError(f"student.prune.keep_layers: {keep} > the teacher's {total} layers")
+    if keep == 1:
+        return [total - 1]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    body = model.base_model
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise RecipeError(
+            f"student.prune: cannot find the decoder layers of {type(model).__name__} (expected .model.layers)"
+        )
+    return layers
+
+
+def prune_depth(teacher: PreTrainedModel, prune: PruneConfig) -> tuple[PreTrainedModel, list[int]]:
+    """Copy the teacher keeping only some decoder layers; embeddings, final norm and head are copied too."""
+    total = teacher.config.num_hidden_layers
+    keep = prune.layers if prune.layers is not None else evenly_spaced_layers(total, prune.keep_layers or total)
+    bad = [i for i in keep if not 0 <= i < total]
+    if bad:
+        raise RecipeError(f"student.prune.layers: {bad} out of range for a {total}-layer teacher")
+    keep = sorted(keep)
+    changes: dict[str, Any] = {"num_hidden_layers": len(keep)}
+    layer_types = getattr(teacher.config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == total:
+        changes["layer_types"] = [layer_types[i] for i in keep]
+    student = fresh_copy(teacher, **changes)
+    src = teacher.state_dict()
+    prefix = _layers_prefix(teacher)
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in src.items():
+        if key.startswith(prefix):
+            idx_str, _, rest = key[len(prefix) :].partition(".")
+            idx = int(idx_str)
+            if idx in keep:
+                mapped[f"{prefix}{keep.index(idx)}.{rest}"] = value
+        else:
+            mapped[key] = value
+    missing, unexpected = student.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if student.config.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RecipeError(f"student.prune: weights did not map cleanly (missing {missing[:3]}, extra {unexpected[:3]})")
+    student.tie_weights()
+    return student, keep
+
+
+def _layers_prefix(model: PreTrainedModel) -> str:
+    layers = _decoder_layers(model)
+    for name, module in model.named_modules():
+        if module is layers:
+            return name + "."
+    raise RecipeError("student.prune: cannot locate the decoder layer list")
+
+
+def build_student(cfg: StudentConfig, teacher: PreTrainedModel | None) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """Return the student model and a small description for the report."""
+    if cfg.init == "prune":
+        assert cfg.prune is not None and teacher is not None
+        student, keep = prune_depth(teacher, cfg.prune)
+        info: dict[str, Any] = {"init": "prune", "kept_layers": keep}
+    elif cfg.init == "config":
+        assert cfg.config is not None
+        if teacher is not None:
+            base = teacher.config.to_dict()
+            base.update(cfg.config)
+            config = AutoConfig.for_model(base.pop("model_type"), **base)
+        else:
+            conf = dict(cfg.config)
+            if "model_type" not in conf:
+                raise RecipeError("student.config: needs model_type when there is no teacher")
+            config = AutoConfig.for_model(conf.pop("model_type"), **conf)
+        student = AutoModelForCausalLM.from_config(config)
+        info = {"init": "config"}
+    else:
+        assert cfg.model is not None
+        student = fresh_copy_if_gguf(cfg)
+        info = {"init": "pretrained", "path": cfg.model.path}
+    student.train()
+    info["parameters"] = sum(p.numel() for p in student.parameters())
+    info["layers"] = student.config.num_hidden_layers
+    return student, info
+
+
+def fresh_copy_if_gguf(cfg: StudentConfig) -> PreTrainedModel:
+    assert cfg.model is not None
+    loaded = load_model(cfg.model)
+    if cfg.model.gguf_file is None:
+        return loaded.model
+    copy = fresh_copy(loaded.model)
+    copy.load_state_dict(loaded.model.state_dict())
+    return copy

