@@ -50,7 +50,7 @@ def generate_completions(
             ids[r, width - n :] = torch.tensor(encoded[i])
             mask[r, width - n :] = 1
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=cfg.max_new_tokens,
@@ -63,7 +63,7 @@ def generate_completions(
         )
         for r, i in enumerate(idx):
             new = out[r, width:]
-            answers[i] = tok.decode(new, skip_special_tokens=True).strip()
+            answers[i] = str(tok.decode(new, skip_special_tokens=True)).strip()
             finished[i] = bool((new == tok.eos_token_id).any())
         progress.advance(len(idx))
     progress.finish()

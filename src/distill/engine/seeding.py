@@ -19,10 +19,11 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 def rng_state() -> dict[str, Any]:
     """All RNG states as JSON-safe values plus the torch state tensor(s)."""
-    np_state = np.random.get_state()
+    state: Any = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = state
     return {
         "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }

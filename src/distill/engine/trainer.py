@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
-from distill.data.batching import BatchStream
+from distill.data.batching import Batch, BatchStream
 from distill.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.engine.progress import NullProgress, Progress
 from distill.engine.schedule import make_scheduler
@@ -55,6 +55,50 @@ def _rewrite_metrics(path: Path, upto_step: int) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
+
+
+def accumulate_gradients(
+    acc: Accelerator,
+    student: torch.nn.Module,
+    method: Method,
+    micro: list[Batch],
+    teacher: TeacherSource | None,
+    *,
+    chunk_size: int,
+    vocab_size: int,
+) -> tuple[float, dict[str, float]]:
+    """Backward over the micro-batches of one optimizer step; returns (loss tokens, {"loss", parts...}).
+
+    Every micro-batch's loss is divided by the real-token count of the whole step on all processes, so k
+    micro-batches of B/k give the same gradient as one batch of B, and N processes the same as one.
+    """
+    local = torch.tensor([sum(b.num_loss_tokens for b in micro)], dtype=torch.float64, device=acc.device)
+    total_tokens = float(acc.gather(local).sum())
+    # DDP averages gradients over processes, so each process divides by total/world to get a sum.
+    normalizer = max(total_tokens, 1.0) / acc.num_processes
+    parts_sum: dict[str, float] = {}
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1
+        ctx = acc.no_sync(student) if not sync else contextlib.nullcontext()
+        with ctx, acc.autocast():
+            loss, parts = method.step(
+                StepInput(
+                    student=student,  # type: ignore[arg-type]
+                    batch=batch,
+                    teacher=teacher,
+                    normalizer=normalizer,
+                    chunk_size=chunk_size,
+                    vocab_size=vocab_size,
+                )
+            )
+            acc.backward(loss)
+        parts = {"loss": float(loss.detach()), **parts}
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v / acc.num_processes
+    if acc.num_processes > 1 and parts_sum:  # each process holds its share of the global mean
+        summed = acc.reduce(torch.tensor(list(parts_sum.values()), device=acc.device), reduction="sum")
+        parts_sum = dict(zip(parts_sum, summed.tolist(), strict=True))
+    return total_tokens, parts_sum
 
 
 def train(
@@ -113,31 +157,9 @@ def train(
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         micro = [stream.next_batch().to(acc.device) for _ in range(cfg.grad_accum)]
-        local = torch.tensor([sum(b.num_loss_tokens for b in micro)], dtype=torch.float64, device=acc.device)
-        total_tokens = float(acc.gather(local).sum())
-        # DDP averages gradients over processes, so each process divides by total/world to get a sum.
-        normalizer = max(total_tokens, 1.0) / acc.num_processes
-        parts_sum: dict[str, float] = {}
-        for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1
-            ctx = acc.no_sync(student) if not sync else contextlib.nullcontext()
-            with ctx, acc.autocast():
-                loss, parts = method.step(
-                    StepInput(
-                        student=student,
-                        batch=batch,
-                        teacher=teacher,
-                        normalizer=normalizer,
-                        chunk_size=cfg.chunk_size,
-                        vocab_size=vocab_size,
-                    )
-                )
-                acc.backward(loss)
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v / acc.num_processes
-        if acc.num_processes > 1 and parts_sum:  # each process holds its share of the global mean
-            summed = acc.reduce(torch.tensor(list(parts_sum.values()), device=acc.device), reduction="sum")
-            parts_sum = dict(zip(parts_sum, summed.tolist(), strict=True))
+        total_tokens, parts_sum = accumulate_gradients(
+            acc, student, method, micro, teacher, chunk_size=cfg.chunk_size, vocab_size=vocab_size
+        )
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -148,7 +170,6 @@ def train(
         real = sum(b.num_real_tokens for b in micro)
         row: dict[str, Any] = {
             "step": step + 1,
-            "loss": sum(parts_sum.values()),
             **parts_sum,
             "lr": sched.get_last_lr()[0],
             "grad_norm": grad_norm,

@@ -101,6 +101,25 @@ def _log_softmax(x: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
     return torch.log_softmax(x.to(dtype) / temperature, -1)
 
 
+def _softmax(x: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    if temperature == 1.0:
+        return torch.softmax(x, -1, dtype=dtype)
+    e = x.to(dtype, copy=True).div_(temperature)  # one new buffer, then in place
+    e = e.sub_(e.amax(-1, keepdim=True)).exp_()
+    return e.div_(e.sum(-1, keepdim=True))
+
+
+def _log_softmax_and_softmax(x: Tensor, temperature: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(log_softmax(x / T), softmax(x / T))`` using two new buffers whatever ``T``."""
+    if temperature == 1.0:
+        return torch.log_softmax(x, -1, dtype=dtype), torch.softmax(x, -1, dtype=dtype)
+    log_probs = x.to(dtype, copy=True).div_(temperature)
+    log_probs = log_probs.sub_(log_probs.amax(-1, keepdim=True))
+    probs = log_probs.exp()
+    total = probs.sum(-1, keepdim=True)
+    return log_probs.sub_(total.log()), probs.div_(total)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reference implementation (autograd)
 # ----------------------------------------------------------------------------------------------------
@@ -146,9 +165,9 @@ def divergence_per_token(student_logits: Tensor, teacher_logits: Tensor, spec: D
 # ----------------------------------------------------------------------------------------------------
 # Analytic value + gradient (no autograd)
 # ----------------------------------------------------------------------------------------------------
-# Each helper below receives freshly allocated log-probabilities that it may overwrite, and works in
-# place as much as it can: on large (rows, V) chunks the cost is dominated by how many full-size
-# tensors are allocated and swept, not by arithmetic. Comments name what each buffer holds.
+# Each helper receives freshly allocated (rows, V) buffers that it may overwrite, and works in place:
+# on large chunks the cost is dominated by how many full-size buffers are allocated and swept, not by
+# the arithmetic. Comments say what each buffer holds after each step.
 
 
 def _row_sum(x: Tensor) -> Tensor:
@@ -160,48 +179,42 @@ def _softmax_grad_(qg: Tensor, q: Tensor, scale: float) -> Tensor:
     return qg.addcmul_(q, _row_sum(qg), value=-1.0).mul_(scale)
 
 
-def _forward_kl(log_q: Tensor, log_p: Tensor, t: float) -> tuple[Tensor, Tensor]:
-    p = log_p.exp()
-    value = _row_sum(log_p.clamp_min_(LOG_PROB_FLOOR).sub_(log_q).mul_(p))  # sum p (log p - log q)
-    grad = log_q.exp_().sub_(p).mul_(t)  # T (q - p)
-    return value, grad
+def _log_mixture_(m: Tensor) -> Tensor:
+    """``log(m)`` in place. A mixture underflows only where both p and q do; those terms are ~0 anyway."""
+    return m.clamp_min_(torch.finfo(m.dtype).tiny).log_()
 
 
-def _reverse_kl(log_q: Tensor, log_p: Tensor, t: float) -> tuple[Tensor, Tensor]:
-    q = log_q.exp()
+def _forward_kl(log_q: Tensor, log_p: Tensor, p: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    value = _row_sum(log_p.clamp_min_(LOG_PROB_FLOOR).sub_(log_q).mul_(p))  # p (log p - log q)
+    return value, log_q.exp_().sub_(p).mul_(t)  # T (q - p)
+
+
+def _reverse_kl(log_q: Tensor, q: Tensor, log_p: Tensor, t: float) -> tuple[Tensor, Tensor]:
     qg = log_q.sub_(log_p.clamp_min_(LOG_PROB_FLOOR)).mul_(q)  # q (log q - log p)
     value = _row_sum(qg)
     return value, _softmax_grad_(qg, q, t)
 
 
-def _log_mixture_(m: Tensor) -> Tensor:
-    # A mixture underflows only where both p and q do; their terms are then ~0 anyway.
-    return m.clamp_min_(torch.finfo(m.dtype).tiny).log_()
-
-
-def _jsd(log_q: Tensor, log_p: Tensor, t: float, beta: float) -> tuple[Tensor, Tensor]:
-    q = log_q.exp()
-    log_m = _log_mixture_(log_p.exp().lerp_(q, 1.0 - beta))  # M = beta p + (1 - beta) q
+def _jsd(log_q: Tensor, q: Tensor, log_p: Tensor, p: Tensor, t: float, beta: float) -> tuple[Tensor, Tensor]:
+    log_m = _log_mixture_(p.lerp_(q, 1.0 - beta))  # M = beta p + (1 - beta) q
     a = log_p.clamp_min_(LOG_PROB_FLOOR).sub_(log_m)  # log p - log M
     b = log_q.sub_(log_m)  # log q - log M
-    kl_pm = _row_sum(log_m.add_(a).exp_().mul_(a))  # exp(log M + a) recovers p without a new buffer
+    kl_pm = _row_sum(log_m.add_(a).exp_().mul_(a))  # exp(log M + a) gives p back without a new buffer
     qb = b.mul_(q)
     kl_qm = _row_sum(qb)
     value = beta * kl_pm + (1.0 - beta) * kl_qm
     return value, _softmax_grad_(qb, q, t * (1.0 - beta))  # g = (1 - beta)(log q - log M)
 
 
-def _skew_forward_kl(log_q: Tensor, log_p: Tensor, t: float, alpha: float) -> tuple[Tensor, Tensor]:
-    q = log_q.exp_()  # log q itself is not needed
-    log_m = _log_mixture_(log_p.exp().lerp_(q, 1.0 - alpha))  # M = alpha p + (1 - alpha) q
+def _skew_forward_kl(q: Tensor, log_p: Tensor, p: Tensor, t: float, alpha: float) -> tuple[Tensor, Tensor]:
+    log_m = _log_mixture_(p.lerp_(q, 1.0 - alpha))  # M = alpha p + (1 - alpha) q
     a = log_p.clamp_min_(LOG_PROB_FLOOR).sub_(log_m)  # log p - log M
-    value = _row_sum(log_m.add_(a).exp_().mul_(a))  # sum p (log p - log M)
-    qg = a.exp_().mul_(q)  # q p / M; g = -(1 - alpha) p / M
+    value = _row_sum(log_m.add_(a).exp_().mul_(a))  # p (log p - log M)
+    qg = a.exp_().mul_(q)  # q p / M, since g = -(1 - alpha) p / M
     return value, _softmax_grad_(qg, q, -t * (1.0 - alpha))
 
 
-def _skew_reverse_kl(log_q: Tensor, p: Tensor, t: float, alpha: float) -> tuple[Tensor, Tensor]:
-    q = log_q.exp()
+def _skew_reverse_kl(log_q: Tensor, q: Tensor, p: Tensor, t: float, alpha: float) -> tuple[Tensor, Tensor]:
     log_m = _log_mixture_(p.lerp_(q, alpha))  # M = (1 - alpha) p + alpha q
     b = log_q.sub_(log_m)  # log q - log M
     value = _row_sum(torch.mul(q, b, out=log_m))
@@ -217,40 +230,34 @@ def _tvd(q: Tensor, p: Tensor, t: float) -> tuple[Tensor, Tensor]:
     return value, _softmax_grad_(qg, q, 0.5 * t)
 
 
-def _softmax(x: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    if temperature == 1.0:
-        return torch.softmax(x, -1, dtype=dtype)
-    return torch.softmax(x.to(dtype) / temperature, -1)
-
-
 @torch.no_grad()
 def divergence_value_and_grad(
     student_logits: Tensor, teacher_logits: Tensor, spec: DivergenceSpec
 ) -> tuple[Tensor, Tensor]:
     """Per-row values ``(N,)`` and ``d(sum of values)/d(student_logits)`` ``(N, V)`` in one pass.
 
-    Same maths as :func:`divergence_per_token`, but with the gradient written out by hand so no
+    Same maths as :func:`divergence_per_token`, with the gradient written out by hand so that no
     autograd graph (and none of its saved ``(N, V)`` intermediates) exists. Arithmetic and the returned
     tensors are float32 whatever the input dtype (float64 inputs stay float64, for tests).
     """
     dtype = _check_pair(student_logits, teacher_logits)
-    z, y = student_logits.detach(), teacher_logits.detach()
-    t = spec.temperature
+    z, y, t = student_logits.detach(), teacher_logits.detach(), spec.temperature
     name = _effective_name(spec)
-    if name == "tvd":
-        value, grad = _tvd(_softmax(z, t, dtype), _softmax(y, t, dtype), t)
+    if name == "forward_kl":
+        value, grad = _forward_kl(_log_softmax(z, t, dtype), *_log_softmax_and_softmax(y, t, dtype), t)
+    elif name == "reverse_kl":
+        value, grad = _reverse_kl(*_log_softmax_and_softmax(z, t, dtype), _log_softmax(y, t, dtype), t)
+    elif name == "jsd":
+        log_q, q = _log_softmax_and_softmax(z, t, dtype)
+        value, grad = _jsd(log_q, q, *_log_softmax_and_softmax(y, t, dtype), t, spec.beta)
+    elif name == "skew_forward_kl":
+        q = _softmax(z, t, dtype)
+        value, grad = _skew_forward_kl(q, *_log_softmax_and_softmax(y, t, dtype), t, spec.alpha)
     elif name == "skew_reverse_kl":
-        value, grad = _skew_reverse_kl(_log_softmax(z, t, dtype), _softmax(y, t, dtype), t, spec.alpha)
-    else:
-        log_q, log_p = _log_softmax(z, t, dtype), _log_softmax(y, t, dtype)
-        if name == "forward_kl":
-            value, grad = _forward_kl(log_q, log_p, t)
-        elif name == "reverse_kl":
-            value, grad = _reverse_kl(log_q, log_p, t)
-        elif name == "jsd":
-            value, grad = _jsd(log_q, log_p, t, spec.beta)
-        elif name == "skew_forward_kl":
-            value, grad = _skew_forward_kl(log_q, log_p, t, spec.alpha)
-        else:  # pragma: no cover - DivergenceSpec validates the name
-            raise ValueError(f"name: unknown divergence {name!r}")
+        log_q, q = _log_softmax_and_softmax(z, t, dtype)
+        value, grad = _skew_reverse_kl(log_q, q, _softmax(y, t, dtype), t, spec.alpha)
+    elif name == "tvd":
+        value, grad = _tvd(_softmax(z, t, dtype), _softmax(y, t, dtype), t)
+    else:  # pragma: no cover - DivergenceSpec validates the name
+        raise ValueError(f"name: unknown divergence {name!r}")
     return value.squeeze(-1).mul_(t * t), grad

@@ -1,0 +1,85 @@
+"""End to end on a tiny random teacher: generation, both methods, before/after eval, report, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from distill.pipeline import run_recipe
+from distill.recipe import parse_recipe
+from tests.conftest import tiny_recipe
+
+
+def test_run_writes_everything(tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path) -> None:
+    recipe = parse_recipe(tiny_recipe(tiny_teacher_dir, prompts_file, tmp_path / "run"))
+    summary = run_recipe(recipe)
+    run = tmp_path / "run"
+    for f in ("recipe.yaml", "eval.json", "report.md", "report.html", "data/train.jsonl", "data/eval.jsonl"):
+        assert (run / f).is_file(), f
+    for name in ("logit_kd", "seq_kd"):
+        mdir = run / "methods" / name
+        assert (mdir / "student" / "model.safetensors").is_file()
+        rows = [json.loads(x) for x in (mdir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]
+        after = summary["methods"][name]["after"]
+        assert after["tokens"] > 0 and after["kl"] >= 0 and 0 <= after["top1_agreement"] <= 1
+    assert summary["before"]["tokens"] == summary["methods"]["logit_kd"]["after"]["tokens"]
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["steps"] == 4
+    # generated answers are cached: a second run reuses them
+    mtime = (run / "data" / "train.jsonl").stat().st_mtime
+    run_recipe(recipe)
+    assert (run / "data" / "train.jsonl").stat().st_mtime == mtime
+
+
+def _write_recipe(tmp_path: Path, teacher: Path, train: Path, out: Path) -> Path:
+    rec = tiny_recipe(teacher, train, out)
+    rec["data"].pop("generate")
+    rec["baselines"] = []
+    rec["method"] = {"name": "logit_kd", "divergence": "jsd", "ce_weight": 0.1}
+    rec["train"].update({"steps": 40, "checkpoint_every": 5, "warmup_steps": 3})
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(rec))
+    return path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "distill.cli", *args]
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, tiny_teacher_dir: Path) -> None:
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"Say {i} twice.", "completion": f"{i} {i}, and again {i}."}) + "\n" for i in range(40)))
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    straight = _write_recipe(tmp_path, tiny_teacher_dir, train, tmp_path / "straight")
+    subprocess.run(_cli("run", str(straight)), check=True, env=env, capture_output=True)
+
+    killed = _write_recipe(tmp_path, tiny_teacher_dir, train, tmp_path / "killed")
+    proc = subprocess.Popen(_cli("run", str(killed)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "methods" / "logit_kd" / "checkpoints"
+    deadline = time.time() + 300
+    while not list(ckpts.glob("step-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(ckpts.glob("step-*")), "no checkpoint was written before the kill"
+    assert not (tmp_path / "killed" / "methods" / "logit_kd" / "student").exists(), "run finished before the kill"
+
+    subprocess.run(_cli("run", str(killed), "--resume"), check=True, env=env, capture_output=True)
+    summary = json.loads((tmp_path / "killed" / "eval.json").read_text())
+    resumed_from = summary["methods"]["logit_kd"]["resumed_from"]
+    assert resumed_from is not None and 5 <= resumed_from < 40
+    a = load_file(tmp_path / "straight" / "methods" / "logit_kd" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "methods" / "logit_kd" / "student" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows_a = (tmp_path / "straight" / "methods" / "logit_kd" / "metrics.jsonl").read_text().splitlines()
+    rows_b = (tmp_path / "killed" / "methods" / "logit_kd" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["loss"] for r in rows_a] == [json.loads(r)["loss"] for r in rows_b]
