@@ -117,10 +117,11 @@ def quickstart(
 
 @app.command()
 def validate(recipe: str, set_: SetOpt = None) -> None:
-    """Check a recipe without loading any model."""
-    from distill.recipe import load_recipe
+    """Check a recipe and that its files exist, without loading any model."""
+    from distill.recipe import load_recipe, preflight
 
     r = load_recipe(recipe, set_)
+    preflight(r)
     out.print(f"ok: {recipe} (method {r.method.name}, {len(r.baselines)} baseline(s), {r.train.steps} steps)")
 
 

@@ -31,9 +31,15 @@ from distill.errors import InputError, RecipeError
 from distill.eval.metrics import evaluate
 from distill.eval.report import write_report
 from distill.methods import METHODS
-from distill.models.loading import LoadedModel, load_model, load_tokenizer, save_student, shared_vocab_size
+from distill.models.loading import (
+    LoadedModel,
+    load_model,
+    load_tokenizer,
+    save_student,
+    shared_vocab_size,
+)
 from distill.models.student import build_student
-from distill.recipe import Recipe, dump_recipe
+from distill.recipe import Recipe, dump_recipe, preflight
 from distill.teachers.live import LiveTeacher
 
 
@@ -108,6 +114,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: Progress | Non
     progress = progress or NullProgress()
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
+    preflight(recipe)
     run_dir = recipe.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_resume(recipe, run_dir, resume)

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import InputError, RecipeError
+from distill.paths import resolve_path
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 DType = Literal["float32", "bfloat16", "float64"]
@@ -195,6 +196,22 @@ class Recipe(Strict):
 
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name))
+
+
+def preflight(recipe: Recipe) -> None:
+    """Check every input file and model folder exists before any model loads (minutes saved on a typo)."""
+    for field, data_file in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
+        if data_file is not None and not resolve_path(data_file.path).exists():
+            raise InputError(f"{field}.path: data file not found: {resolve_path(data_file.path)}")
+    sources = [("teacher.model", recipe.teacher.model if recipe.teacher else None), ("student.model", recipe.student.model)]
+    for field, source in sources:
+        if source is None:
+            continue
+        folder = resolve_path(source.path)
+        if not folder.is_dir():
+            raise InputError(f"{field}.path: model folder not found: {folder}")
+        if source.gguf_file and not (folder / source.gguf_file).is_file():
+            raise InputError(f"{field}.gguf_file: GGUF file not found: {folder / source.gguf_file}")
 
 
 # ---------------------------------------------------------------- loading, overrides, errors

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import InputError
-from distill.models.loading import resolve_path
+from distill.paths import resolve_path
 
 
 @dataclass

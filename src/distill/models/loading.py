@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -20,21 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from distill.errors import CompatibilityError, InputError
+from distill.paths import resolve_path
 from distill.recipe import ModelSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def resolve_path(path: str) -> Path:
-    """`pkg:NAME[/sub/path]` -> the folder of an installed package (models shipped on PyPI); else a path."""
-    if path.startswith("pkg:"):
-        name, _, rest = path[4:].partition("/")
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise InputError(f"model path {path!r}: Python package {name!r} is not installed")
-        root = Path(next(iter(spec.submodule_search_locations)))
-        return root / rest if rest else root
-    return Path(path).expanduser()
 
 
 @dataclass
@@ -45,6 +33,11 @@ class LoadedModel:
 
 
 def _quiet_transformers() -> None:
+    """distill draws its own progress; transformers' bars and advisory warnings would interleave."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
