@@ -76,7 +76,7 @@ def tiny_recipe(teacher_dir: Path, train: Path, out: Path, **overrides: object) 
         },
         "method": {"name": "logit_kd"},
         "baselines": [{"name": "seq_kd"}],
-        "train": {"steps": 4, "lr": 1e-3, "log_every": 1, "threads": 1},
+        "train": {"steps": 4, "lr": 1e-3, "threads": 1},
         "eval": {"batch_size": 4},
     }
     recipe.update(overrides)

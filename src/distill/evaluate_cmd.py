@@ -14,7 +14,7 @@ from distill.engine.progress import Progress
 from distill.errors import InputError, RecipeError
 from distill.eval.metrics import evaluate
 from distill.models.loading import load_model, load_tokenizer, shared_vocab_size
-from distill.pipeline import example_row, generated_data, write_json_atomic
+from distill.pipeline import example_row, generated_data, live_teacher_source, write_json_atomic
 from distill.recipe import GenerateConfig, ModelSource, Recipe
 from distill.teachers.live import LiveTeacher
 
@@ -26,7 +26,7 @@ def evaluate_saved(recipe: Recipe, student_dir: Path, output: Path | None, progr
         raise RecipeError("data.eval: `distill eval` needs held-out data")
     if not (student_dir / "config.json").is_file():
         raise InputError(f"not a saved student folder (no config.json): {student_dir}")
-    teacher = load_model(recipe.teacher.model)
+    teacher = load_model(live_teacher_source(recipe))
     student = AutoModelForCausalLM.from_pretrained(str(student_dir)).eval()
     tok = load_tokenizer(ModelSource(path=str(student_dir)))
     vocab = shared_vocab_size(teacher, student, tok)
@@ -53,7 +53,7 @@ def evaluate_saved(recipe: Recipe, student_dir: Path, output: Path | None, progr
 def generate_file(recipe: Recipe, input_path: str, output: Path, progress: Progress) -> int:
     if recipe.teacher is None:
         raise RecipeError("teacher: `distill generate` needs a teacher")
-    teacher = load_model(recipe.teacher.model)
+    teacher = load_model(live_teacher_source(recipe))
     examples = read_examples(input_path)
     done = generate_completions(
         teacher.model,

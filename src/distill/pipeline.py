@@ -39,7 +39,8 @@ from distill.models.loading import (
     shared_vocab_size,
 )
 from distill.models.student import build_student
-from distill.recipe import Recipe, dump_recipe, preflight
+from distill.recipe import LiveTeacher as LiveTeacherConfig
+from distill.recipe import ModelSource, Recipe, dump_recipe, preflight
 from distill.teachers.live import LiveTeacher
 
 
@@ -109,6 +110,13 @@ def _check_resume(recipe: Recipe, run_dir: Path, resume: bool) -> None:
         raise RecipeError(f"--resume: the recipe differs from {saved}; resume with the same recipe")
 
 
+def live_teacher_source(recipe: Recipe) -> ModelSource:
+    if not isinstance(recipe.teacher, LiveTeacherConfig):
+        kind = recipe.teacher.kind if recipe.teacher else "none"
+        raise RecipeError(f"teacher.kind: {kind!r} is not supported by this command yet (use 'live')")
+    return recipe.teacher.model
+
+
 def run_recipe(recipe: Recipe, *, resume: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Run every method of the recipe; return the summary written to eval.json."""
     progress = progress or NullProgress()
@@ -126,8 +134,9 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: Progress | Non
     t0 = time.perf_counter()
     teacher: LoadedModel | None = None
     if recipe.teacher is not None:
-        progress.log(f"loading teacher {recipe.teacher.model.path}")
-        teacher = load_model(recipe.teacher.model)
+        source = live_teacher_source(recipe)
+        progress.log(f"loading teacher {source.path}")
+        teacher = load_model(source)
     timing["load_teacher_s"] = time.perf_counter() - t0
 
     train_examples = read_examples(recipe.data.train.path, recipe.data.train.limit)

@@ -41,7 +41,33 @@ class LiveTeacher(Strict):
     model: ModelSource
 
 
-TeacherConfig = Annotated[LiveTeacher, Field(discriminator="kind")]
+class ServedTeacher(Strict):
+    """A teacher behind an OpenAI-compatible HTTP server (vLLM, SGLang, llama.cpp): top-k log-probs of
+    given text and generation. The API key is read from the environment variable named here, never from
+    the recipe."""
+
+    kind: Literal["served"] = "served"
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str
+    tokenizer: ModelSource  # the teacher's tokenizer, to check the vocabulary and build token-id prompts
+    protocol: Literal["prompt_logprobs", "echo"] = "prompt_logprobs"
+    top_k: int = Field(default=20, ge=1)
+    api_key_env: str | None = None
+    max_concurrency: int = Field(default=4, ge=1)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=4, ge=0)
+    backoff_s: float = Field(default=0.5, ge=0)
+
+
+class CachedTeacher(Strict):
+    """Top-k log-probs computed once by `distill cache` and read from Parquet shards."""
+
+    kind: Literal["cache"] = "cache"
+    path: str
+    tokenizer: ModelSource | None = None  # defaults to the tokenizer recorded in the cache manifest
+
+
+TeacherConfig = Annotated[LiveTeacher | ServedTeacher | CachedTeacher, Field(discriminator="kind")]
 
 
 class PruneConfig(Strict):
@@ -145,7 +171,6 @@ class TrainConfig(Strict):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
     checkpoint_every: int = Field(default=0, ge=0)
-    log_every: int = Field(default=10, ge=1)
     chunk_size: int = Field(default=1024, ge=1)
     threads: int | None = Field(default=None, ge=1)
     tensorboard: bool = False
@@ -198,15 +223,31 @@ class Recipe(Strict):
         return Path(self.output_dir.format(name=self.name))
 
 
+def teacher_sources(teacher: TeacherConfig | None) -> list[tuple[str, ModelSource]]:
+    """The local model folders a teacher section points at, by field name."""
+    if isinstance(teacher, LiveTeacher):
+        return [("model", teacher.model)]
+    if isinstance(teacher, ServedTeacher | CachedTeacher) and teacher.tokenizer is not None:
+        return [("tokenizer", teacher.tokenizer)]
+    return []
+
+
+def local_teacher_source(teacher: TeacherConfig | None) -> ModelSource | None:
+    """Where the teacher's weights and tokenizer live on this machine (a served or cached teacher may
+    still point at a local copy, for its tokenizer and for pruning a student from it)."""
+    found = teacher_sources(teacher)
+    return found[0][1] if found else None
+
+
 def preflight(recipe: Recipe) -> None:
     """Check every input file and model folder exists before any model loads (minutes saved on a typo)."""
     for field, data_file in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
         if data_file is not None and not resolve_path(data_file.path).exists():
             raise InputError(f"{field}.path: data file not found: {resolve_path(data_file.path)}")
-    sources = [("teacher.model", recipe.teacher.model if recipe.teacher else None), ("student.model", recipe.student.model)]
+    sources = [(f"teacher.{name}", src) for name, src in teacher_sources(recipe.teacher)]
+    if recipe.student.model is not None:
+        sources.append(("student.model", recipe.student.model))
     for field, source in sources:
-        if source is None:
-            continue
         folder = resolve_path(source.path)
         if not folder.is_dir():
             raise InputError(f"{field}.path: model folder not found: {folder}")

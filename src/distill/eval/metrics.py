@@ -15,14 +15,13 @@ from transformers import PreTrainedModel
 from distill.data.batching import IGNORE, collate
 from distill.data.tokenize import TokenizedExample
 from distill.engine.progress import NullProgress, Progress
-from distill.teachers.base import TeacherSource
-from distill.teachers.live import body_hidden
+from distill.teachers.live import LiveTeacher, body_hidden
 
 
 @torch.no_grad()
 def evaluate(
     student: PreTrainedModel,
-    teacher: TeacherSource | None,
+    teacher: LiveTeacher | None,
     examples: list[TokenizedExample],
     *,
     vocab_size: int,
@@ -32,7 +31,9 @@ def evaluate(
     chunk_size: int = 1024,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Per-token means over every answer token of `examples` (no sampling, no selection)."""
+    """Per-token means over every answer token of `examples` (no sampling, no selection).
+
+    The teacher is a live model: held-out metrics are computed against its exact, full distribution."""
     progress = progress or NullProgress()
     buckets = buckets or [0, 8, 16, 32, 64, 128, 256]
     was_training = student.training

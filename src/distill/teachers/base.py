@@ -1,4 +1,9 @@
-"""The one interface every teacher signal source implements (live model now; cache and server next)."""
+"""The one interface every teacher signal source implements: a live model, an offline cache, a server.
+
+A source answers "what is the teacher's next-token distribution at these positions of this batch?" in
+one of two forms: dense logits (a live model), or sparse top-k log-probabilities with the tail mass left
+over (a cache or a server). Every token-distribution loss accepts both.
+"""
 
 from __future__ import annotations
 
@@ -15,22 +20,44 @@ TeacherLogitsFn = Callable[[int, int], torch.Tensor]
 
 @dataclass
 class TeacherSignal:
-    """What the teacher says at the selected positions of a batch.
-
-    `logits(start, end)` returns dense logits for rows [start, end) of the selected positions (row-major
-    over the batch), produced lazily so no (N, V) tensor of the teacher ever has to exist at once.
-    """
+    """Dense: `logits(start, end)` returns logits for rows [start, end) of the selected positions
+    (row-major over the batch), produced lazily so no (N, V) tensor of the teacher exists at once."""
 
     logits: TeacherLogitsFn
     num_rows: int
     vocab_size: int
 
 
+@dataclass
+class SparseTeacherSignal:
+    """Sparse: the teacher's top-k next tokens at each selected position.
+
+    `logprobs` are log-probabilities normalised over the FULL vocabulary at `temperature` (the capture
+    temperature), so `1 - exp(logprobs).sum(-1)` is the tail mass the top-k leave out. Rows are the
+    selected positions in row-major order, as for the dense signal.
+    """
+
+    ids: torch.Tensor  # (N, k) int64 token ids
+    logprobs: torch.Tensor  # (N, k) float32, sorted descending
+    temperature: float
+    vocab_size: int
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.ids.shape[0])
+
+    def tail_mass(self) -> torch.Tensor:
+        return (1.0 - self.logprobs.double().exp().sum(-1)).clamp_min(0.0).float()
+
+
+AnySignal = TeacherSignal | SparseTeacherSignal
+
+
 class TeacherSource(ABC):
     kind: str = "abstract"
 
     @abstractmethod
-    def signal(self, batch: Batch, select: torch.Tensor) -> TeacherSignal:
+    def signal(self, batch: Batch, select: torch.Tensor) -> AnySignal:
         """Teacher distribution at positions where `select` (B, L) is True."""
 
     def close(self) -> None:  # noqa: B027 - optional hook; live teachers hold nothing to release

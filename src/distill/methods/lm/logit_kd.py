@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from distill.errors import CompatibilityError
 from distill.losses.fused_head import chunked_head_loss
 from distill.losses.tokens import DivergenceSpec
 from distill.methods.base import METHODS, Method, StepInput, student_rows
 from distill.recipe import LogitKD as LogitKDConfig
+from distill.teachers.base import TeacherSignal
 
 
 @METHODS.register("logit_kd")
@@ -29,6 +31,8 @@ class LogitKD(Method):
         assert inp.teacher is not None, "logit_kd needs a teacher"
         hidden, weight, targets, select = student_rows(inp)
         signal = inp.teacher.signal(inp.batch, select)
+        if not isinstance(signal, TeacherSignal):
+            raise CompatibilityError("logit_kd: this teacher gives sparse top-k signals, not supported yet")
         loss, parts = chunked_head_loss(
             hidden,
             weight,

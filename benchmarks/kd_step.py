@@ -1,0 +1,680 @@
+#!/usr/bin/env python
+"""Speed and memory of a logit-KD training step on the quickstart pair, measured side by side in one run.
+
+    python benchmarks/kd_step.py [--reps 3] [--steps N] [--no-trl]
+
+Teacher: SmolLM2-135M-Instruct (GGUF, de-quantised to fp32); student: its 6-layer depth-pruned copy.
+Four measurements, each repeated `--reps` times with the variants interleaved inside every repetition
+(so machine noise hits them alike), after a warm-up; figures are the median and min-max over repetitions:
+
+1. step time of `logit_kd` (forward KL, JSD beta=0.5) over "student CE step + teacher forward" on the
+   same fixed batches (batch 4 x 256 real tokens, no padding), against two baselines:
+   (a) strict: distill's own fused chunked-head CE step (SFTMethod) + LiveTeacher.signal with every logits
+       chunk materialised;  (b) conventional: HF `student(..., labels=...)` backward + step, plus HF
+       `teacher(...)` under no_grad.
+2. real (non-padding) tokens/s of the engine's own loop (`distill.engine.trainer.train`) with logit_kd
+   (forward KL) and the project's batching (length-grouped dynamic padding) over the quickstart data.
+3. peak-memory rise of a KD step over a CE step + teacher forward, each in a fresh subprocess.
+4. TRL's GKD trainer (lmbda=0: no on-policy generation; beta=0, which TRL defines as forward KL) on the
+   same data as chat messages: step time, real tokens/s, memory rise, and distill tokens/s / TRL tokens/s.
+
+Not part of the test suite (tests/ never imports it). Needs `pip install -e .[bench]` for part 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from distill.data.batching import IGNORE, Batch, BatchStream
+from distill.data.generate import generate_completions
+from distill.data.records import Example, read_examples
+from distill.data.tokenize import TokenizedExample, tokenize_examples
+from distill.engine.trainer import accumulate_gradients, train
+from distill.methods.base import Method
+from distill.methods.lm.cross_entropy import SFTMethod
+from distill.methods.lm.logit_kd import LogitKD
+from distill.models.loading import fresh_copy, load_model, load_tokenizer
+from distill.models.student import prune_depth
+from distill.recipe import SFT, Recipe, load_recipe
+from distill.recipe import LogitKD as LogitKDConfig
+from distill.teachers.live import LiveTeacher
+
+StepFn = Callable[[Batch], None]
+MEMORY_STEPS = 2
+FIXED_BATCHES = 2  # distinct fixed batches the step-time variants cycle through
+
+# ----------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Spread:
+    """Median and min-max of one figure over repetitions."""
+
+    values: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def fmt(self, digits: int = 2, unit: str = "") -> str:
+        lo, hi = min(self.values), max(self.values)
+        return f"{self.median:.{digits}f}{unit} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def ratio(a: list[float], b: list[float]) -> Spread:
+    """Per-repetition ratio a/b (both measured in the same repetition)."""
+    return Spread([x / y for x, y in zip(a, b, strict=True)])
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (and so ru_maxrss) to the current RSS, so that the peak of model
+    loading does not hide the peak of the steps. Linux >= 4.0; returns False where unavailable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if platform.system() == "Darwin" else kb * 1024
+
+
+def trl_available() -> tuple[bool, str]:
+    try:
+        import trl
+    except ImportError:
+        return False, "trl is not installed (pip install -e .[bench])"
+    try:
+        _gkd_classes()
+    except ImportError as err:
+        return False, f"trl {trl.__version__} has no GKD trainer ({err})"
+    return True, f"trl {trl.__version__}"
+
+
+def _gkd_classes() -> tuple[type, type]:
+    try:  # trl >= 0.24 moved GKD to trl.experimental
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError:
+        from trl import GKDConfig, GKDTrainer  # type: ignore[attr-defined,no-redef]
+    return GKDConfig, GKDTrainer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models and data
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    recipe: Recipe
+    teacher: PreTrainedModel
+    student: PreTrainedModel  # the untrained pruned student; every variant trains a deep copy
+    tokenizer: PreTrainedTokenizerBase
+    vocab: int
+    device: torch.device
+
+
+def build_pair(recipe: Recipe, teacher: PreTrainedModel, tok: PreTrainedTokenizerBase, device: torch.device) -> Pair:
+    assert recipe.student.prune is not None
+    teacher = teacher.to(device).eval()
+    student, _ = prune_depth(teacher, recipe.student.prune)
+    student = student.to(device).train()
+    vocab = min(teacher.get_output_embeddings().weight.shape[0], len(tok))  # type: ignore[union-attr]
+    return Pair(recipe, teacher, student, tok, vocab, device)
+
+
+def teacher_answers(recipe: Recipe, pair: Pair, n_prompts: int) -> tuple[list[Example], str]:
+    """The quickstart's cached teacher answers, or fresh ones for `n_prompts` prompts."""
+    rel = recipe.run_dir() / "data" / "train.jsonl"
+    for cached in (rel, Path(__file__).resolve().parents[1] / rel):
+        if cached.exists():
+            return read_examples(str(cached)), f"{cached} (quickstart's cached teacher answers)"
+    cached = rel
+    prompts = read_examples(recipe.data.train.path)
+    step = max(1, len(prompts) // n_prompts)
+    prompts = prompts[::step][:n_prompts]  # spread over the file's categories
+    assert recipe.data.generate is not None
+    cfg = recipe.data.generate.model_copy(update={"max_new_tokens": 64})
+    log(f"{cached} not found: the teacher answers {len(prompts)} prompts (max_new_tokens 64)")
+    out = generate_completions(pair.teacher, pair.tokenizer, prompts, cfg, system_prompt=recipe.data.system_prompt)
+    return out, f"{len(out)} quickstart prompts answered by the teacher now"
+
+
+def chat_rows(examples: list[Example]) -> list[dict[str, Any]]:
+    return [{"messages": [*ex.prompt, {"role": "assistant", "content": ex.completion or ""}]} for ex in examples]
+
+
+def _example_targets(ex: TokenizedExample) -> list[int]:
+    ids = ex.input_ids
+    return [ids[i + 1] if i + 1 >= ex.prompt_len else IGNORE for i in range(len(ids) - 1)] + [IGNORE]
+
+
+def fixed_batches(examples: list[TokenizedExample], batch_size: int, length: int, count: int) -> list[Batch]:
+    """`count` batches of `batch_size` rows of exactly `length` real tokens: real examples concatenated
+    (causally, like classic LM packing) and cut at the row end, so there is no padding at all and every
+    variant sees identical tensors. Loss positions are the answer tokens, as in training."""
+    need = count * batch_size * length
+    ids: list[int] = []
+    tgt: list[int] = []
+    i = 0
+    while len(ids) < need:
+        ex = examples[i % len(examples)]
+        ids.extend(ex.input_ids)
+        tgt.extend(_example_targets(ex))
+        i += 1
+    input_ids = torch.tensor(ids[:need]).view(count, batch_size, length)
+    targets = torch.tensor(tgt[:need]).view(count, batch_size, length)
+    targets[..., -1] = IGNORE  # the next token lies in the next row
+    positions = torch.arange(length).expand(batch_size, length)
+    return [
+        Batch(
+            input_ids=input_ids[c].clone(),
+            attention_mask=torch.ones(batch_size, length, dtype=torch.long),
+            position_ids=positions.clone(),
+            targets=targets[c].clone(),
+            num_real_tokens=batch_size * length,
+        )
+        for c in range(count)
+    ]
+
+
+def hf_labels(batch: Batch) -> torch.Tensor:
+    """HF-style labels (the model shifts them) with exactly the loss positions of `batch.targets`."""
+    labels = torch.full_like(batch.input_ids, IGNORE)
+    labels[:, 1:] = batch.targets[:, :-1]
+    return labels
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step variants (one optimizer step each)
+# ----------------------------------------------------------------------------------------------------
+
+KD_KINDS = {"kd_forward_kl": "forward_kl", "kd_jsd": "jsd"}
+STEP_KINDS = ("kd_forward_kl", "kd_jsd", "ce_teacher", "hf_ce_teacher")
+
+
+def make_step(kind: str, pair: Pair, student: PreTrainedModel, opt: torch.optim.Optimizer, acc: Accelerator,
+              chunk_size: int) -> StepFn:
+    """One optimizer step of `kind` on `student` (shared teacher, shared optimizer)."""
+    live = LiveTeacher(pair.teacher, pair.vocab)
+
+    def engine_step(method: Method, teacher: LiveTeacher | None, batch: Batch) -> None:
+        accumulate_gradients(acc, student, method, [batch], teacher, chunk_size=chunk_size, vocab_size=pair.vocab)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if kind in KD_KINDS:
+        kd = LogitKD(LogitKDConfig(divergence=KD_KINDS[kind], beta=0.5))  # type: ignore[arg-type]
+        return lambda batch: engine_step(kd, live, batch)
+
+    if kind == "ce_teacher":
+        sft = SFTMethod(SFT())
+
+        def ce_teacher(batch: Batch) -> None:
+            signal = live.signal(batch, batch.targets != IGNORE)
+            for start in range(0, signal.num_rows, chunk_size):
+                signal.logits(start, min(start + chunk_size, signal.num_rows))  # materialised, then dropped
+            engine_step(sft, None, batch)
+
+        return ce_teacher
+
+    if kind == "hf_ce_teacher":
+
+        def hf_ce_teacher(batch: Batch) -> None:
+            out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=hf_labels(batch))
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                pair.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+
+        return hf_ce_teacher
+
+    raise ValueError(f"unknown step kind {kind!r}")
+
+
+def measure_step_times(pair: Pair, batches: list[Batch], acc: Accelerator, reps: int, steps: int,
+                       chunk_size: int) -> dict[str, list[float]]:
+    """Seconds per optimizer step of every variant, one value per repetition (mean over `steps` steps).
+
+    Variants share one student and optimizer (updates do not change the cost) and are interleaved step
+    by step; the order rotates with every repetition."""
+    student = copy.deepcopy(pair.student).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    fns = {k: make_step(k, pair, student, opt, acc, chunk_size) for k in STEP_KINDS}
+    for kind, fn in fns.items():  # warm-up: allocator, thread pools, optimizer state
+        fn(batches[0])
+        log(f"warm-up {kind} done")
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(reps):
+        names = list(fns)
+        names = names[rep % len(names):] + names[: rep % len(names)]
+        total = dict.fromkeys(names, 0.0)
+        for i in range(steps):
+            batch = batches[i % len(batches)]
+            for name in names:
+                _sync(pair.device)
+                t0 = time.perf_counter()
+                fns[name](batch)
+                _sync(pair.device)
+                total[name] += time.perf_counter() - t0
+        for name in names:
+            out[name].append(total[name] / steps)
+        log(f"step times rep {rep + 1}/{reps}: " + ", ".join(f"{n} {out[n][-1]:.2f}s" for n in fns))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training loops: distill's engine, TRL's GKD trainer
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopRun:
+    """Timed steps of one training loop (warm-up steps excluded)."""
+
+    seconds: float
+    real_tokens: int
+    slots: int  # batch elements including padding
+    steps: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.real_tokens / self.seconds
+
+    @property
+    def step_s(self) -> float:
+        return self.seconds / self.steps
+
+
+@dataclass
+class StampProgress:
+    """Progress hook that timestamps the end of every engine step (after its metrics row is written)."""
+
+    stamps: list[float] = field(default_factory=list)
+
+    def start(self, label: str, total: int | None) -> None:
+        self.stamps = [time.perf_counter()]
+
+    def advance(self, n: int = 1, info: str = "") -> None:
+        self.stamps.append(time.perf_counter())
+
+    def finish(self) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass
+
+
+def run_distill_loop(pair: Pair, examples: list[TokenizedExample], acc: Accelerator, steps: int, warmup: int,
+                     batch_size: int, max_length: int) -> LoopRun:
+    """The engine's own loop (clip, AdamW, schedule, metrics.jsonl) with logit_kd forward KL."""
+    recipe = pair.recipe
+    stream = BatchStream(examples, batch_size, int(pair.tokenizer.pad_token_id or 0), seed=recipe.seed,
+                         group_by_length=True, packing=False, max_length=max_length)
+    cfg = recipe.train.model_copy(update={"steps": warmup + steps, "checkpoint_every": 0, "tensorboard": False})
+    method = LogitKD(LogitKDConfig(divergence="forward_kl"))
+    progress = StampProgress()
+    with tempfile.TemporaryDirectory(prefix="kd_step_loop_") as tmp:
+        result = train(student=copy.deepcopy(pair.student), method=method, stream=stream,
+                       teacher=LiveTeacher(pair.teacher, pair.vocab), cfg=cfg, out_dir=Path(tmp),
+                       vocab_size=pair.vocab, seed=recipe.seed, progress=progress, accelerator=acc)
+    timed = result.history[warmup:]
+    return LoopRun(seconds=progress.stamps[-1] - progress.stamps[warmup], real_tokens=sum(h["real_tokens"] for h in timed),
+                   slots=sum(h["padded_slots"] for h in timed), steps=len(timed))
+
+
+class CountingCollator:
+    """Wraps TRL's collator and records the real (attention-mask) tokens and slots of every batch it builds."""
+
+    def __init__(self, inner: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
+        self.inner = inner
+        self.real: list[int] = []
+        self.slots: list[int] = []
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        out = self.inner(examples)
+        mask = out["attention_mask"]
+        self.real.append(int(mask.sum()))
+        self.slots.append(int(mask.numel()))
+        return out
+
+
+def make_trl_trainer(pair: Pair, rows: list[dict[str, Any]], steps: int, batch_size: int, max_length: int,
+                     out_dir: str) -> tuple[Any, CountingCollator, list[float]]:
+    """TRL's GKDTrainer: lmbda=0 (no student generation), beta=0 (TRL: exactly forward KL), same student
+    init, teacher, optimizer settings (AdamW, lr, clip) as the quickstart; no eval, no saving, no logging."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    gkd_config, gkd_trainer = _gkd_classes()
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            stamps.append(time.perf_counter())
+
+    train_cfg = pair.recipe.train
+    args = gkd_config(
+        output_dir=out_dir, per_device_train_batch_size=batch_size, max_length=max_length, lmbda=0.0, beta=0.0,
+        max_steps=steps, learning_rate=train_cfg.lr, lr_scheduler_type="constant", max_grad_norm=train_cfg.max_grad_norm,
+        weight_decay=train_cfg.weight_decay, gradient_accumulation_steps=1, logging_strategy="no", save_strategy="no",
+        eval_strategy="no", report_to="none", use_cpu=pair.device.type == "cpu", disable_tqdm=True,
+        dataloader_num_workers=0, dataloader_pin_memory=False, seed=pair.recipe.seed, bf16=False, fp16=False,
+    )
+    trainer = gkd_trainer(model=copy.deepcopy(pair.student), teacher_model=pair.teacher, args=args,
+                          train_dataset=Dataset.from_list(rows), processing_class=pair.tokenizer, callbacks=[Stamp()])
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    return trainer, counter, stamps
+
+
+def run_trl_loop(pair: Pair, rows: list[dict[str, Any]], steps: int, warmup: int, batch_size: int,
+                 max_length: int) -> LoopRun:
+    with tempfile.TemporaryDirectory(prefix="kd_step_trl_") as tmp, _quiet():
+        trainer, counter, stamps = make_trl_trainer(pair, rows, warmup + steps, batch_size, max_length, tmp)
+        trainer.train()
+    # stamps[0] is train begin, stamps[k] the end of step k; the collator's k-th batch feeds step k.
+    n = len(stamps) - 1
+    timed = range(warmup, n)
+    return LoopRun(seconds=stamps[n] - stamps[warmup], real_tokens=sum(counter.real[i] for i in timed),
+                   slots=sum(counter.slots[i] for i in timed), steps=len(timed))
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def measure_loops(pair: Pair, examples: list[TokenizedExample], rows: list[dict[str, Any]] | None, acc: Accelerator,
+                  reps: int, steps: int, batch_size: int, max_length: int) -> dict[str, list[LoopRun]]:
+    """distill's loop and (if given rows) TRL's, alternating within every repetition."""
+    runners: dict[str, Callable[[], LoopRun]] = {
+        "distill": lambda: run_distill_loop(pair, examples, acc, steps, 1, batch_size, max_length),
+    }
+    if rows is not None:
+        runners["trl"] = lambda: run_trl_loop(pair, rows, steps, 1, batch_size, max_length)
+    out: dict[str, list[LoopRun]] = {k: [] for k in runners}
+    for rep in range(reps):
+        names = list(runners) if rep % 2 == 0 else list(reversed(runners))
+        for name in names:
+            out[name].append(runners[name]())
+            gc.collect()
+        log(f"loops rep {rep + 1}/{reps}: " + ", ".join(
+            f"{n} {out[n][-1].tokens_per_s:.0f} tok/s ({out[n][-1].step_s:.2f} s/step)" for n in runners))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: one fresh subprocess per variant
+# ----------------------------------------------------------------------------------------------------
+
+MEMORY_KINDS = ("ce_teacher", "kd_forward_kl", "kd_jsd", "hf_ce_teacher", "trl")
+
+
+def prepare_memory_workdir(pair: Pair, batch: Batch, workdir: Path) -> None:
+    """Save what the subprocesses load: the teacher (safetensors) and the batch."""
+    plain = fresh_copy(pair.teacher)  # GGUF-loaded models refuse save_pretrained
+    plain.load_state_dict(pair.teacher.state_dict())
+    plain.save_pretrained(workdir / "teacher", safe_serialization=True)
+    del plain
+    torch.save({"input_ids": batch.input_ids.cpu(), "targets": batch.targets.cpu()}, workdir / "batch.pt")
+
+
+def memory_worker(kind: str, workdir: Path, chunk_size: int) -> dict[str, Any]:
+    """Runs in a fresh process: load models, build the batch, then measure the rise of 2 steps."""
+    recipe = load_recipe("quickstart")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    acc = Accelerator(cpu=device.type == "cpu")
+    teacher = AutoModelForCausalLM.from_pretrained(str(workdir / "teacher"), dtype=torch.float32)
+    assert recipe.teacher is not None
+    pair = build_pair(recipe, teacher, load_tokenizer(recipe.teacher.model), device)
+    saved = torch.load(workdir / "batch.pt")
+    bsz, length = saved["input_ids"].shape
+    batch = Batch(input_ids=saved["input_ids"], attention_mask=torch.ones(bsz, length, dtype=torch.long),
+                  position_ids=torch.arange(length).expand(bsz, length).clone(), targets=saved["targets"],
+                  num_real_tokens=bsz * length).to(device)
+    if kind == "trl":
+        run = _trl_memory_run(pair, batch, workdir)
+    else:
+        student = pair.student
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+        fn = make_step(kind, pair, student, opt, acc, chunk_size)
+
+        def run() -> None:
+            for _ in range(MEMORY_STEPS):
+                fn(batch)
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        pre = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        peak, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    else:
+        pre = current_rss_bytes()
+        reset = reset_peak_rss()
+        run()
+        peak = peak_rss_bytes()
+        how = "ru_maxrss (peak reset after loading)" if reset else "ru_maxrss (includes loading peak!)"
+    return {"kind": kind, "pre": pre, "peak": peak, "rise": peak - pre, "how": how}
+
+
+def _trl_memory_run(pair: Pair, batch: Batch, workdir: Path) -> Callable[[], None]:
+    """TRL on the identical rows (pre-tokenised; completion_mask marks the first answer token)."""
+    rows = []
+    for ids, tg in zip(batch.input_ids.tolist(), batch.targets.tolist(), strict=True):
+        first = next((i for i, t in enumerate(tg) if t != IGNORE), len(tg) - 1) + 1
+        rows.append({"prompt": "", "input_ids": ids, "completion_mask": [0] * first + [1] * (len(ids) - first)})
+    trainer, _, _ = make_trl_trainer(pair, rows, MEMORY_STEPS, len(rows), len(rows[0]["input_ids"]), str(workdir / "trl"))
+    return lambda: trainer.train()
+
+
+def measure_memory(pair: Pair, batch: Batch, kinds: list[str], chunk_size: int, threads: int | None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="kd_step_mem_") as tmp:
+        workdir = Path(tmp)
+        prepare_memory_workdir(pair, batch, workdir)
+        for kind in kinds:
+            cmd = [sys.executable, __file__, "--_memory-worker", kind, "--_workdir", tmp, "--chunk-size", str(chunk_size)]
+            if threads:
+                cmd += ["--threads", str(threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                log(f"memory {kind}: worker failed ({tail})")
+                continue
+            res = json.loads(lines[-1])
+            out[kind] = int(res["rise"])
+            log(f"memory {kind}: pre {res['pre'] / 2**20:.0f} MiB, peak {res['peak'] / 2**20:.0f} MiB, "
+                f"rise {res['rise'] / 2**20:.0f} MiB [{res['how']}]")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    figure: str
+    value: str
+    target: str = ""
+    ok: bool | None = None
+
+    @property
+    def verdict(self) -> str:
+        return "" if self.ok is None else ("PASS" if self.ok else "FAIL")
+
+
+def print_table(title: str, rows: list[Row]) -> None:
+    w1 = max(len(r.figure) for r in rows)
+    w2 = max(len(r.value) for r in rows)
+    print(f"\n{title}")
+    print(f"  {'figure':<{w1}}  {'median (min-max)':<{w2}}  {'target':<8}  result")
+    for r in rows:
+        print(f"  {r.figure:<{w1}}  {r.value:<{w2}}  {r.target:<8}  {r.verdict}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")
+    p.add_argument("--steps", type=int, default=6, help="timed training-loop steps per repetition (default 6)")
+    p.add_argument("--step-steps", type=int, default=2, help="timed steps per variant and repetition for part 1")
+    p.add_argument("--no-trl", action="store_true", help="skip TRL's GKD trainer")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--length", type=int, default=256, help="row length of the fixed batches and max_length")
+    p.add_argument("--prompts", type=int, default=48, help="prompts to answer when no cached answers exist")
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--_memory-worker", dest="memory_worker", help=argparse.SUPPRESS)
+    p.add_argument("--_workdir", dest="workdir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        print(json.dumps(memory_worker(args.memory_worker, Path(args.workdir), args.chunk_size)))
+        return 0
+
+    started = time.perf_counter()
+    recipe = load_recipe("quickstart")
+    # the engine switches this on (process-wide) in train(); set it up front so every variant runs alike
+    torch.use_deterministic_algorithms(recipe.train.deterministic, warn_only=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    acc = Accelerator(cpu=device.type == "cpu")
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    assert recipe.teacher is not None
+    loaded = load_model(recipe.teacher.model)
+    pair = build_pair(recipe, loaded.model, loaded.tokenizer, device)
+    answers, source = teacher_answers(recipe, pair, args.prompts)
+    tokenized, _ = tokenize_examples(pair.tokenizer, answers, args.length, recipe.data.system_prompt)
+    batches = [b.to(device) for b in fixed_batches(tokenized, args.batch_size, args.length, FIXED_BATCHES)]
+    loss_frac = sum(b.num_loss_tokens for b in batches) / sum(b.num_slots for b in batches)
+    log(f"data: {len(tokenized)} examples from {source}; fixed batches {args.batch_size}x{args.length}, "
+        f"{loss_frac:.0%} of positions carry loss; vocab {pair.vocab}")
+    use_trl, trl_note = (False, "--no-trl") if args.no_trl else trl_available()
+    log(f"TRL: {trl_note}" if use_trl else f"TRL skipped: {trl_note}")
+
+    # 1. step time
+    times = measure_step_times(pair, batches, acc, args.reps, args.step_steps, args.chunk_size)
+    # 2 + 4. training loops
+    rows = chat_rows(answers) if use_trl else None
+    loops: dict[str, list[LoopRun]] = {}
+    try:
+        loops = measure_loops(pair, tokenized, rows, acc, args.reps, args.steps, args.batch_size, args.length)
+    except Exception as err:  # TRL is a moving target: report and go on with distill alone
+        if rows is None:
+            raise
+        log(f"TRL could not run: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        use_trl = False
+        loops = measure_loops(pair, tokenized, None, acc, args.reps, args.steps, args.batch_size, args.length)
+    # 3 (+4). memory
+    mem: dict[str, int] = {}
+    if not args.no_memory:
+        kinds = [k for k in MEMORY_KINDS if k != "trl" or use_trl]
+        mem = measure_memory(pair, batches[0], kinds, args.chunk_size, args.threads)
+
+    # report
+    base_a, base_b = times["ce_teacher"], times["hf_ce_teacher"]
+    r_fkl, r_jsd = ratio(times["kd_forward_kl"], base_a), ratio(times["kd_jsd"], base_a)
+    table = [
+        Row("step s: logit_kd forward KL", Spread(times["kd_forward_kl"]).fmt(unit="s")),
+        Row("step s: logit_kd JSD(0.5)", Spread(times["kd_jsd"]).fmt(unit="s")),
+        Row("step s: (a) distill CE + LiveTeacher fwd", Spread(base_a).fmt(unit="s")),
+        Row("step s: (b) HF CE(labels) + HF teacher fwd", Spread(base_b).fmt(unit="s")),
+        Row("KD fwd-KL / (a) strict", r_fkl.fmt(3), "<= 1.05", r_fkl.median <= 1.05),
+        Row("KD JSD / (a) strict", r_jsd.fmt(3), "<= 1.10", r_jsd.median <= 1.10),
+        Row("KD fwd-KL / (b) conventional", ratio(times["kd_forward_kl"], base_b).fmt(3)),
+        Row("KD JSD / (b) conventional", ratio(times["kd_jsd"], base_b).fmt(3)),
+    ]
+    d = loops["distill"]
+    table += [
+        Row("distill loop real tok/s (fwd KL)", Spread([r.tokens_per_s for r in d]).fmt(0)),
+        Row("distill loop s/step", Spread([r.step_s for r in d]).fmt(unit="s")),
+        Row("distill loop padding fraction", f"{1 - sum(r.real_tokens for r in d) / sum(r.slots for r in d):.1%}"),
+    ]
+    if "ce_teacher" in mem:
+        for kind, label in (("kd_forward_kl", "fwd KL"), ("kd_jsd", "JSD")):
+            if kind in mem:
+                rise = mem[kind] / max(mem["ce_teacher"], 1)
+                table.append(Row(f"mem rise KD {label} / (a) CE+teacher", f"{rise:.3f}", "<= 1.25", rise <= 1.25))
+        table.append(Row("mem rise MiB: (a) CE+teacher | KD fwd KL", f"{mem['ce_teacher'] / 2**20:.0f} | "
+                         f"{mem.get('kd_forward_kl', 0) / 2**20:.0f}"))
+        if "hf_ce_teacher" in mem:
+            table.append(Row("mem rise MiB: (b) HF CE + HF teacher", f"{mem['hf_ce_teacher'] / 2**20:.0f}"))
+    if use_trl and "trl" in loops:
+        t = loops["trl"]
+        speedup = ratio([r.tokens_per_s for r in d], [r.tokens_per_s for r in t])
+        table += [
+            Row("TRL GKD (beta=0 = fwd KL) real tok/s", Spread([r.tokens_per_s for r in t]).fmt(0)),
+            Row("TRL GKD s/step (its own batches)", Spread([r.step_s for r in t]).fmt(unit="s")),
+            Row("TRL GKD padding fraction", f"{1 - sum(r.real_tokens for r in t) / sum(r.slots for r in t):.1%}"),
+            Row("distill tok/s / TRL tok/s", speedup.fmt(2), ">= 2.5", speedup.median >= 2.5),
+        ]
+        if "trl" in mem and "kd_forward_kl" in mem:
+            table.append(Row("mem rise MiB: TRL GKD (same batch)", f"{mem['trl'] / 2**20:.0f}"))
+            table.append(Row("mem rise TRL / distill KD fwd KL", f"{mem['trl'] / max(mem['kd_forward_kl'], 1):.2f}"))
+    elif not args.no_trl:
+        table.append(Row("TRL GKD", f"not run: {trl_note}"))
+    print_table(
+        f"kd_step summary: quickstart pair, batch {args.batch_size} x {args.length}, {args.reps} reps, "
+        f"{torch.get_num_threads()} threads, {device} ({time.perf_counter() - started:.0f} s total)",
+        table,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

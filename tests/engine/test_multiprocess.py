@@ -1,0 +1,64 @@
+"""Two processes (DDP over gloo, CPU) give the same gradient as one process over the same batches."""
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from distill.data.batching import collate
+from distill.engine.trainer import accumulate_gradients
+from distill.methods.lm.logit_kd import LogitKD
+from distill.recipe import LogitKD as LogitKDConfig
+from distill.teachers.live import LiveTeacher
+from tests.conftest import tiny_llama
+from tests.engine.test_accumulation import V, _examples
+
+GROUPS = {0: [[0, 1], [2]], 1: [[3, 4, 5]]}  # uneven token counts per process on purpose
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    from accelerate import Accelerator
+
+    torch.set_num_threads(1)
+    acc = Accelerator(cpu=True)
+    student = acc.prepare(tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=1))
+    teacher = LiveTeacher(tiny_llama(vocab=V, layers=3, dtype=torch.float64, seed=2), V)
+    method = LogitKD(LogitKDConfig(divergence="jsd", ce_weight=0.3))
+    exs = _examples()
+    micro = [collate(exs, [[i] for i in g], pad_id=0, packing=False) for g in GROUPS[rank]]
+    accumulate_gradients(acc, student, method, micro, teacher, chunk_size=4, vocab_size=V)
+    if rank == 0:
+        grads = {n: p.grad.clone() for n, p in acc.unwrap_model(student).named_parameters() if p.grad is not None}
+        torch.save(grads, out)
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_processes_equal_one(tmp_path: Path) -> None:
+    out = tmp_path / "grads.pt"
+    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    multi = torch.load(out, weights_only=True)
+
+    from accelerate import Accelerator
+
+    student = tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=1)
+    teacher = LiveTeacher(tiny_llama(vocab=V, layers=3, dtype=torch.float64, seed=2), V)
+    method = LogitKD(LogitKDConfig(divergence="jsd", ce_weight=0.3))
+    exs = _examples()
+    micro = [collate(exs, [[i] for i in range(6)], pad_id=0, packing=False)]
+    accumulate_gradients(Accelerator(cpu=True), student, method, micro, teacher, chunk_size=4, vocab_size=V)
+    single = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert single.keys() == multi.keys()
+    for name in single:
+        torch.testing.assert_close(multi[name], single[name], atol=1e-6, rtol=0)
