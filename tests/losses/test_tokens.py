@@ -44,7 +44,12 @@ def _kl(a: list[float], b: list[float]) -> float:
 
 
 def naive_divergence(
-    student: torch.Tensor, teacher: torch.Tensor, name: str, t: float = 1.0, beta: float = 0.5, alpha: float = 0.1
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    name: str,
+    t: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
 ) -> torch.Tensor:
     out = []
     for z_row, y_row in zip(student.tolist(), teacher.tolist(), strict=True):
@@ -246,7 +251,9 @@ PROPERTY = settings(max_examples=150, deadline=None)
 
 @PROPERTY
 @given(pair=logit_pairs(), spec=specs)
-def test_property_analytic_equals_reference(pair: tuple[torch.Tensor, torch.Tensor], spec: DivergenceSpec) -> None:
+def test_property_analytic_equals_reference(
+    pair: tuple[torch.Tensor, torch.Tensor], spec: DivergenceSpec
+) -> None:
     z, y = pair
     values, grad = divergence_value_and_grad(z, y, spec)
     torch.testing.assert_close(values, divergence_per_token(z, y, spec), rtol=1e-8, atol=1e-10)
@@ -257,7 +264,9 @@ def test_property_analytic_equals_reference(pair: tuple[torch.Tensor, torch.Tens
 
 @PROPERTY
 @given(pair=logit_pairs(), spec=specs)
-def test_property_nonnegative_and_bounded(pair: tuple[torch.Tensor, torch.Tensor], spec: DivergenceSpec) -> None:
+def test_property_nonnegative_and_bounded(
+    pair: tuple[torch.Tensor, torch.Tensor], spec: DivergenceSpec
+) -> None:
     z, y = pair
     values = divergence_per_token(z, y, spec)
     assert (values >= -1e-6).all()
@@ -298,7 +307,9 @@ def test_property_jsd_limits(pair: tuple[torch.Tensor, torch.Tensor], temperatur
 
 @settings(max_examples=50, deadline=None)
 @given(pair=logit_pairs(-3.0, 3.0), temperature=st.floats(0.5, 4.0))
-def test_property_end_points_are_plain_kls(pair: tuple[torch.Tensor, torch.Tensor], temperature: float) -> None:
+def test_property_end_points_are_plain_kls(
+    pair: tuple[torch.Tensor, torch.Tensor], temperature: float
+) -> None:
     z, y = pair
     forward = DivergenceSpec("forward_kl", temperature)
     reverse = DivergenceSpec("reverse_kl", temperature)

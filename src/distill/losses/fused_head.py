@@ -200,7 +200,15 @@ def chunked_head_loss(
     _validate(hidden, weight, labels, teacher_logits, kd_weight, ce_weight, normalizer, chunk_size)
     with torch.autocast(hidden.device.type, enabled=False):
         loss, kd_sum, ce_sum = _ChunkedHeadLoss.apply(
-            hidden, weight, labels, teacher_logits, spec, kd_weight, ce_weight, normalizer, chunk_size,
+            hidden,
+            weight,
+            labels,
+            teacher_logits,
+            spec,
+            kd_weight,
+            ce_weight,
+            normalizer,
+            chunk_size,
             torch.is_grad_enabled(),
         )
     parts = {}

@@ -19,10 +19,10 @@ from differentiating ``q log q`` is dropped below.
 
 Masked vocabulary entries (teacher logit ``-inf``, so ``p = 0``) give ``0 * log 0 = 0``. Where the
 maths itself is infinite -- reverse KL puts ``log p`` under the *student's* mass -- ``log p`` is
-floored at ``LOG_PROB_FLOOR`` (a probability of ~4e-44), so a student that puts mass on a forbidden
+floored at ``LOG_PROB_FLOOR`` (a probability of ~2e-35), so a student that puts mass on a forbidden
 token pays a large but finite price instead of producing ``inf``/``NaN`` gradients. The same floor
 tames models that mask with ``finfo.min`` instead of ``-inf``. It changes nothing measurable for
-probabilities above ~1e-40.
+probabilities above ~1e-30.
 """
 
 from __future__ import annotations
@@ -35,8 +35,12 @@ from torch import Tensor
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 
-LOG_PROB_FLOOR = -100.0
-"""Lower bound applied to teacher log-probabilities where they appear inside a log-ratio."""
+LOG_PROB_FLOOR = -80.0
+"""Lower bound applied to teacher log-probabilities where they appear inside a log-ratio.
+
+``exp(-80)`` is still a normal float32 (the smallest is ~``exp(-87.3)``): a lower floor makes every
+masked entry a denormal in the fast path, which on CPUs made ``jsd`` ~2.5x slower with a masked teacher.
+"""
 
 
 @dataclass(frozen=True)
