@@ -143,6 +143,7 @@ class LogitKD(Strict):
     alpha: float = Field(default=0.1, ge=0, lt=1)
     kd_weight: float = Field(default=1.0, ge=0)
     ce_weight: float = Field(default=0.0, ge=0)
+    tail: Literal["bucket", "renormalize"] = "bucket"  # sparse (cached/served) teachers only
 
 
 class SeqKD(Strict):

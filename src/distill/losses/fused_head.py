@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from distill.losses.sparse import SparseTopK, sparse_value_and_grad
 from distill.losses.tokens import DivergenceSpec, divergence_per_token, divergence_value_and_grad
 
 TeacherLogitsFn = Callable[[int, int], Tensor]
@@ -43,7 +44,7 @@ def _validate(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor | None,
-    teacher_logits: TeacherLogitsFn | None,
+    has_teacher: bool,
     kd_weight: float,
     ce_weight: float,
     normalizer: float,
@@ -53,9 +54,9 @@ def _validate(
         raise ValueError(
             f"hidden must be (N, H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
-    if teacher_logits is None and labels is None:
+    if not has_teacher and labels is None:
         raise ValueError("teacher_logits/labels: nothing to compute, give at least one")
-    if kd_weight != 0 and teacher_logits is None:
+    if kd_weight != 0 and not has_teacher:
         raise ValueError("teacher_logits: kd_weight is non-zero but no teacher logits were given")
     if ce_weight != 0 and labels is None:
         raise ValueError("labels: ce_weight is non-zero but no labels were given")
@@ -99,6 +100,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         weight: Tensor,
         labels: Tensor | None,
         teacher_logits: TeacherLogitsFn | None,
+        teacher_topk: SparseTopK | None,
         spec: DivergenceSpec,
         kd_weight: float,
         ce_weight: float,
@@ -125,10 +127,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             h = hidden[start:end].detach().to(mm_dtype)
             logits = (h @ w.T).to(cdtype)
             grad: Tensor | None = None
-            if teacher_logits is not None:
-                values, kd_grad = divergence_value_and_grad(
-                    logits, _teacher_chunk(teacher_logits, start, end, vocab), spec
-                )
+            if teacher_logits is not None or teacher_topk is not None:
+                if teacher_logits is not None:
+                    values, kd_grad = divergence_value_and_grad(
+                        logits, _teacher_chunk(teacher_logits, start, end, vocab), spec
+                    )
+                else:
+                    assert teacher_topk is not None
+                    values, kd_grad = sparse_value_and_grad(logits, teacher_topk.rows(start, end), spec)
                 kd_sum += values.sum()
                 if kd_weight != 0:
                     grad = kd_grad.mul_(kd_scale)
@@ -171,7 +177,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         dh = None if grad_h is None else (grad_h * grad_loss).to(h_dtype)
         dw = None if grad_w is None else (grad_w * grad_loss).to(w_dtype)
-        return dh, dw, None, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None, None
 
 
 def chunked_head_loss(
@@ -180,6 +186,7 @@ def chunked_head_loss(
     *,
     labels: Tensor | None = None,
     teacher_logits: TeacherLogitsFn | None = None,
+    teacher_topk: SparseTopK | None = None,
     spec: DivergenceSpec | None = None,
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
@@ -187,6 +194,9 @@ def chunked_head_loss(
     chunk_size: int = 1024,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``(kd_weight * sum D + ce_weight * sum CE) / normalizer`` through the LM head, chunk by chunk.
+
+    The teacher is either dense (``teacher_logits``) or sparse (``teacher_topk``: top-k log-probs from a
+    cache or a server, see ``sparse.py``), never both.
 
     ``hidden`` ``(N, H)`` holds the student's final hidden states at the loss positions only (no
     ignore rows); ``weight`` ``(V, H)`` is its LM head (tied or frozen is fine). ``D`` is the divergence
@@ -197,13 +207,19 @@ def chunked_head_loss(
     """
     spec = spec if spec is not None else DivergenceSpec()
     normalizer = float(normalizer)
-    _validate(hidden, weight, labels, teacher_logits, kd_weight, ce_weight, normalizer, chunk_size)
+    if teacher_logits is not None and teacher_topk is not None:
+        raise ValueError("teacher_logits/teacher_topk: give a dense or a sparse teacher, not both")
+    if teacher_topk is not None and teacher_topk.ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"teacher_topk: {teacher_topk.ids.shape[0]} rows for {hidden.shape[0]} hidden rows")
+    has_teacher = teacher_logits is not None or teacher_topk is not None
+    _validate(hidden, weight, labels, has_teacher, kd_weight, ce_weight, normalizer, chunk_size)
     with torch.autocast(hidden.device.type, enabled=False):
         loss, kd_sum, ce_sum = _ChunkedHeadLoss.apply(
             hidden,
             weight,
             labels,
             teacher_logits,
+            teacher_topk,
             spec,
             kd_weight,
             ce_weight,
@@ -212,7 +228,7 @@ def chunked_head_loss(
             torch.is_grad_enabled(),
         )
     parts = {}
-    if teacher_logits is not None:
+    if has_teacher:
         parts["kd"] = kd_sum / normalizer
     if labels is not None:
         parts["ce"] = ce_sum / normalizer
@@ -237,7 +253,7 @@ def reference_head_loss(
     """
     spec = spec if spec is not None else DivergenceSpec()
     normalizer = float(normalizer)
-    _validate(hidden, weight, labels, teacher_logits, kd_weight, ce_weight, normalizer, chunk_size)
+    _validate(hidden, weight, labels, teacher_logits is not None, kd_weight, ce_weight, normalizer, chunk_size)
     cdtype = _compute_dtype(hidden.dtype, weight.dtype)
     mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     logits = (hidden.to(mm_dtype) @ weight.to(mm_dtype).T).to(cdtype)

@@ -10,10 +10,11 @@ import torch
 
 from distill.errors import CompatibilityError
 from distill.losses.fused_head import chunked_head_loss
+from distill.losses.sparse import SparseTopK
 from distill.losses.tokens import DivergenceSpec
 from distill.methods.base import METHODS, Method, StepInput, student_rows
 from distill.recipe import LogitKD as LogitKDConfig
-from distill.teachers.base import TeacherSignal
+from distill.teachers.base import SparseTeacherSignal, TeacherSignal
 
 
 @METHODS.register("logit_kd")
@@ -31,13 +32,20 @@ class LogitKD(Method):
         assert inp.teacher is not None, "logit_kd needs a teacher"
         hidden, weight, targets, select = student_rows(inp)
         signal = inp.teacher.signal(inp.batch, select)
-        if not isinstance(signal, TeacherSignal):
-            raise CompatibilityError("logit_kd: this teacher gives sparse top-k signals, not supported yet")
+        if signal.num_rows != hidden.shape[0]:
+            raise CompatibilityError(
+                f"teacher gave {signal.num_rows} positions for {hidden.shape[0]} answer tokens"
+            )
+        dense = signal.logits if isinstance(signal, TeacherSignal) else None
+        sparse = None
+        if isinstance(signal, SparseTeacherSignal):
+            sparse = SparseTopK(signal.ids, signal.logprobs, signal.temperature, self.cfg.tail)
         loss, parts = chunked_head_loss(
             hidden,
             weight,
             labels=targets if self.cfg.ce_weight > 0 else None,
-            teacher_logits=signal.logits,
+            teacher_logits=dense,
+            teacher_topk=sparse,
             spec=self.spec,
             kd_weight=self.cfg.kd_weight,
             ce_weight=self.cfg.ce_weight,
