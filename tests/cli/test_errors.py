@@ -93,4 +93,4 @@ def test_vocabulary_mismatch(tmp_path: Path, good: dict, tiny_teacher_dir: Path)
     good["teacher"]["model"]["path"] = str(tiny_teacher_dir)
     good["student"] = {"init": "pretrained", "model": {"path": str(other)}}
     good["baselines"] = []
-    assert_one_line_error(run_cli("run", str(write(tmp_path, good))), "tokenizers differ")
+    assert_one_line_error(run_cli("run", str(write(tmp_path, good))), "tokenizers differ", "cross-tokenizer")

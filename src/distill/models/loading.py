@@ -116,20 +116,31 @@ def shared_vocab_size(teacher: LoadedModel, student: PreTrainedModel, student_to
     Heads padded to different sizes over the same tokenizer (151936 vs 152064) are fine: logits are sliced
     to the real vocabulary. Different tokenizers are rejected.
     """
-    if tokenizer_fingerprint(teacher.tokenizer) != tokenizer_fingerprint(student_tok):
+    return shared_vocab(teacher.tokenizer, teacher.model, student, student_tok)
+
+
+def shared_vocab(
+    teacher_tok: PreTrainedTokenizerBase,
+    teacher_model: PreTrainedModel | None,
+    student: PreTrainedModel,
+    student_tok: PreTrainedTokenizerBase,
+) -> int:
+    """As `shared_vocab_size`, for a teacher whose weights may not be here (served or cached)."""
+    if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
         raise CompatibilityError(
-            "teacher and student tokenizers differ (vocabulary content mismatch); "
-            "logit distillation needs a shared vocabulary (cross-tokenizer distillation is not built yet)"
+            "teacher and student tokenizers differ (vocabulary content mismatch): logit distillation needs "
+            "one vocabulary; use a student with the teacher's tokenizer, or the cross-tokenizer option "
+            "(method.cross_tokenizer, not available yet)"
         )
     real = len(student_tok)
-    t_out = teacher.model.get_output_embeddings()
-    s_out = student.get_output_embeddings()
-    if t_out is None or s_out is None:
+    heads = [m.get_output_embeddings() for m in (teacher_model, student) if m is not None]
+    if any(h is None for h in heads):
         raise CompatibilityError("teacher or student has no output embedding (LM head)")
-    t_size, s_size = t_out.weight.shape[0], s_out.weight.shape[0]
-    if min(t_size, s_size) < real:
-        raise CompatibilityError(f"an LM head ({min(t_size, s_size)}) is smaller than the tokenizer ({real})")
-    return min(t_size, s_size)
+    sizes = [int(h.weight.shape[0]) for h in heads if h is not None]
+    if min(sizes) < real:
+        raise CompatibilityError(f"an LM head ({min(sizes)} rows) is smaller than the tokenizer ({real} tokens)")
+    # Heads padded past the tokenizer (151936 vs 152064 over one tokenizer) hold no real tokens: slice.
+    return real
 
 
 def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
