@@ -70,7 +70,7 @@ def tiny_recipe(teacher_dir: Path, train: Path, out: Path, **overrides: object) 
         "data": {
             "train": {"path": str(train)},
             "eval": {"path": str(train), "limit": 6},
-            "generate": {"max_new_tokens": 6, "batch_size": 8, "do_sample": True},
+            "generate": {"max_new_tokens": 6, "batch_size": 8, "do_sample": True, "store": str(out.parent / "generated")},
             "max_length": 64,
             "batch_size": 4,
         },

@@ -21,8 +21,10 @@ def test_run_writes_everything(tmp_path: Path, tiny_teacher_dir: Path, prompts_f
     recipe = parse_recipe(tiny_recipe(tiny_teacher_dir, prompts_file, tmp_path / "run"))
     summary = run_recipe(recipe)
     run = tmp_path / "run"
-    for f in ("recipe.yaml", "eval.json", "report.md", "report.html", "data/train.jsonl", "data/eval.jsonl"):
+    for f in ("recipe.yaml", "eval.json", "report.md", "report.html", "loss_curves.png", "kl_by_position.png"):
         assert (run / f).is_file(), f
+    generated = sorted((tmp_path / "generated").glob("*.jsonl"))
+    assert [p.name.split("-")[0] for p in generated] == ["eval", "train"]
     for name in ("logit_kd", "seq_kd"):
         mdir = run / "methods" / name
         assert (mdir / "student" / "model.safetensors").is_file()
@@ -32,10 +34,10 @@ def test_run_writes_everything(tmp_path: Path, tiny_teacher_dir: Path, prompts_f
         assert after["tokens"] > 0 and after["kl"] >= 0 and 0 <= after["top1_agreement"] <= 1
     assert summary["before"]["tokens"] == summary["methods"]["logit_kd"]["after"]["tokens"]
     assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["steps"] == 4
-    # generated answers are cached: a second run reuses them
-    mtime = (run / "data" / "train.jsonl").stat().st_mtime
+    # generated answers are stored once: a second run reuses them
+    mtimes = [p.stat().st_mtime for p in generated]
     run_recipe(recipe)
-    assert (run / "data" / "train.jsonl").stat().st_mtime == mtime
+    assert [p.stat().st_mtime for p in generated] == mtimes
 
 
 def _write_recipe(tmp_path: Path, teacher: Path, train: Path, out: Path) -> Path:

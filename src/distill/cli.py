@@ -182,6 +182,21 @@ def generate(
     out.print(f"wrote {n} answers to {output}")
 
 
+@app.command()
+def cache(recipe: str, set_: SetOpt = None) -> None:
+    """Run the teacher once over the training data and store its top-k log-probs (resumable)."""
+    from distill.evaluate_cmd import cache_teacher
+    from distill.recipe import load_recipe
+
+    r = load_recipe(recipe, set_)
+    progress = RichProgress()
+    try:
+        info = cache_teacher(r, progress)
+    finally:
+        progress.finish()
+    out.print(f"cache: {info['path']} ({info['tokens']} tokens, {info['bytes_per_token']:.1f} bytes/token)")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -1,4 +1,5 @@
-"""The stand-alone `distill eval` and `distill generate` stages (a run does both inside itself)."""
+"""Stand-alone stages: `distill eval`, `distill generate` and `distill cache` (a run does the first two
+inside itself; the cache is made once and then read by runs with `teacher.kind: cache`)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,15 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM
 
-from distill.data.generate import generate_completions
 from distill.data.records import read_examples, write_jsonl_atomic
 from distill.data.tokenize import tokenize_examples
 from distill.engine.progress import Progress
 from distill.errors import InputError, RecipeError
 from distill.eval.metrics import evaluate
-from distill.models.loading import load_model, load_tokenizer, shared_vocab_size
-from distill.pipeline import example_row, generated_data, live_teacher_source, write_json_atomic
-from distill.recipe import GenerateConfig, ModelSource, Recipe
-from distill.teachers.live import LiveTeacher
+from distill.models.loading import load_tokenizer, shared_vocab, tokenizer_fingerprint
+from distill.pipeline import example_row, generated_data, prepare, teacher_answers, write_json_atomic
+from distill.recipe import ModelSource, Recipe, preflight
+from distill.teachers.factory import open_teacher
 
 
 def evaluate_saved(recipe: Recipe, student_dir: Path, output: Path | None, progress: Progress) -> tuple[dict[str, Any], Path]:
@@ -26,17 +26,21 @@ def evaluate_saved(recipe: Recipe, student_dir: Path, output: Path | None, progr
         raise RecipeError("data.eval: `distill eval` needs held-out data")
     if not (student_dir / "config.json").is_file():
         raise InputError(f"not a saved student folder (no config.json): {student_dir}")
-    teacher = load_model(live_teacher_source(recipe))
+    preflight(recipe)
+    teacher = open_teacher(recipe.teacher, need_weights=True)
     student = AutoModelForCausalLM.from_pretrained(str(student_dir)).eval()
     tok = load_tokenizer(ModelSource(path=str(student_dir)))
-    vocab = shared_vocab_size(teacher, student, tok)
+    vocab = shared_vocab(teacher.tokenizer, teacher.model, student, tok)
+    exact = teacher.exact(vocab)
+    if exact is None:
+        raise RecipeError("teacher: evaluation needs the teacher's weights on this machine")
     examples = read_examples(recipe.data.eval.path, recipe.data.eval.limit)
     if recipe.data.generate is not None:
-        examples = generated_data(recipe, teacher, "eval", examples, recipe.run_dir(), progress)
+        examples = generated_data(recipe, teacher, "eval", examples, progress)
     tokenized, _ = tokenize_examples(tok, examples, recipe.data.max_length, recipe.data.system_prompt)
     result = evaluate(
         student,
-        LiveTeacher(teacher.model, vocab),
+        exact,
         tokenized,
         vocab_size=vocab,
         pad_id=int(tok.pad_token_id or 0),
@@ -47,22 +51,44 @@ def evaluate_saved(recipe: Recipe, student_dir: Path, output: Path | None, progr
     )
     path = output or student_dir.parent / "eval.standalone.json"
     write_json_atomic(path, result)
+    teacher.close()
     return result, path
 
 
 def generate_file(recipe: Recipe, input_path: str, output: Path, progress: Progress) -> int:
     if recipe.teacher is None:
         raise RecipeError("teacher: `distill generate` needs a teacher")
-    teacher = load_model(live_teacher_source(recipe))
+    teacher = open_teacher(recipe.teacher, need_weights=recipe.teacher.kind != "served")
     examples = read_examples(input_path)
-    done = generate_completions(
-        teacher.model,
-        teacher.tokenizer,
-        examples,
-        recipe.data.generate or GenerateConfig(),
-        system_prompt=recipe.data.system_prompt,
-        seed=recipe.seed,
+    done = teacher_answers(recipe, teacher, examples, progress)
+    write_jsonl_atomic(output, (example_row(ex) for ex in done))
+    teacher.close()
+    return len(done)
+
+
+def cache_teacher(recipe: Recipe, progress: Progress) -> dict[str, Any]:
+    """Run the recipe's (live or served) teacher once over the training data and store its top-k."""
+    from distill.teachers.cache import write_cache
+
+    if recipe.teacher is None or recipe.teacher.kind == "cache":
+        raise RecipeError("teacher.kind: `distill cache` runs a live or served teacher")
+    preflight(recipe)
+    prep = prepare(recipe, progress, with_student=False, with_eval=False)
+    assert prep.teacher is not None
+    cfg = recipe.cache
+    manifest = write_cache(
+        prep.teacher.source(prep.vocab),
+        prep.train,
+        recipe.cache_dir(),
+        k=cfg.k,
+        temperature=cfg.temperature,
+        teacher_id=prep.teacher.ident,
+        tokenizer_hash=tokenizer_fingerprint(prep.tokenizer),
+        vocab_size=prep.vocab,
+        shard_size=cfg.shard_size,
+        batch_size=cfg.batch_size,
+        pad_id=prep.pad_id,
         progress=progress,
     )
-    write_jsonl_atomic(output, (example_row(ex) for ex in done))
-    return len(done)
+    prep.teacher.close()
+    return {"path": str(recipe.cache_dir()), "tokens": manifest.total_tokens, "bytes_per_token": manifest.bytes_per_token}

@@ -3,7 +3,6 @@ evaluate before and after on held-out data, write the report.
 
 Run folder layout:
   recipe.yaml            the resolved recipe
-  data/                  teacher-generated train/eval answers (+ manifest with a fingerprint)
   methods/<name>/        metrics.jsonl, checkpoints/, student/, eval.json
   eval.json              before/after numbers of every method, timings
   report.md, report.html, *.png
@@ -15,15 +14,18 @@ import copy
 import hashlib
 import json
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from distill.data.batching import BatchStream
 from distill.data.generate import generate_completions
 from distill.data.records import Example, read_examples, write_jsonl_atomic
-from distill.data.tokenize import TokenizedExample, tokenize_examples
+from distill.data.tokenize import TokenizedExample, prompt_ids, tokenize_examples
 from distill.engine.progress import NullProgress, Progress
 from distill.engine.seeding import seed_everything
 from distill.engine.trainer import train
@@ -31,17 +33,11 @@ from distill.errors import InputError, RecipeError
 from distill.eval.metrics import evaluate
 from distill.eval.report import write_report
 from distill.methods import METHODS
-from distill.models.loading import (
-    LoadedModel,
-    load_model,
-    load_tokenizer,
-    save_student,
-    shared_vocab_size,
-)
+from distill.models.loading import load_tokenizer, save_student, shared_vocab
 from distill.models.student import build_student
-from distill.recipe import LiveTeacher as LiveTeacherConfig
-from distill.recipe import ModelSource, Recipe, dump_recipe, preflight
-from distill.teachers.live import LiveTeacher
+from distill.recipe import GenerateConfig, Recipe, dump_recipe, preflight
+from distill.teachers.factory import TeacherHandle, open_teacher
+from distill.teachers.served import ServedTeacherSource
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -68,39 +64,56 @@ def _read_generated(path: Path) -> list[Example]:
     return out
 
 
-def generated_data(
-    recipe: Recipe, teacher: LoadedModel, split: str, examples: list[Example], run_dir: Path, progress: Progress
+def teacher_answers(
+    recipe: Recipe,
+    teacher: TeacherHandle,
+    examples: list[Example],
+    progress: Progress,
+    gen: GenerateConfig | None = None,
 ) -> list[Example]:
-    """Teacher answers for `examples`, cached under run_dir/data keyed by a fingerprint of what made them."""
+    """The teacher's answer to every prompt: through the server for a served teacher, else locally."""
+    gen = gen or recipe.data.generate or GenerateConfig()
+    system = recipe.data.system_prompt
+    if isinstance(teacher.remote, ServedTeacherSource):
+        prompts = [prompt_ids(teacher.tokenizer, ex.prompt, system) for ex in examples]
+        progress.start("teacher generating (server)", None)
+        outs = teacher.remote.generate(
+            prompts, gen.max_new_tokens, gen.temperature if gen.do_sample else 0.0, gen.top_p, recipe.seed
+        )
+        progress.finish()
+        return [replace(ex, completion=o.text.strip(), finished=o.finished) for ex, o in zip(examples, outs, strict=True)]
+    if teacher.model is None:
+        raise RecipeError("data.generate: generation needs the teacher's weights (a live teacher or a local copy)")
+    return generate_completions(
+        teacher.model, teacher.tokenizer, examples, gen, system_prompt=system, seed=recipe.seed, progress=progress
+    )
+
+
+def generated_data(
+    recipe: Recipe, teacher: TeacherHandle, split: str, examples: list[Example], progress: Progress
+) -> list[Example]:
+    """Teacher answers for `examples`, stored under data.generate.store keyed by a fingerprint of what
+    made them, so every run (and `distill cache`) with the same prompts, teacher and settings shares them."""
     assert recipe.data.generate is not None
+    gen = recipe.data.generate.model_dump()
+    gen.pop("store")
     key = json.dumps(
         {
             "prompts": [ex.prompt for ex in examples],
-            "generate": recipe.data.generate.model_dump(),
+            "generate": gen,
             "system_prompt": recipe.data.system_prompt,
-            "teacher": teacher.source,
+            "teacher": teacher.ident,
             "seed": recipe.seed,
         },
         sort_keys=True,
     )
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
-    folder = run_dir / "data"
-    path = folder / f"{split}.jsonl"
-    manifest = folder / f"{split}.manifest.json"
-    if path.exists() and manifest.exists() and json.loads(manifest.read_text())["fingerprint"] == fingerprint:
+    path = Path(recipe.data.generate.store) / f"{split}-{fingerprint}.jsonl"
+    if path.exists():
         progress.log(f"reusing teacher answers in {path}")
         return _read_generated(path)
-    done = generate_completions(
-        teacher.model,
-        teacher.tokenizer,
-        examples,
-        recipe.data.generate,
-        system_prompt=recipe.data.system_prompt,
-        seed=recipe.seed,
-        progress=progress,
-    )
+    done = teacher_answers(recipe, teacher, examples, progress)
     write_jsonl_atomic(path, (example_row(ex) for ex in done))
-    write_json_atomic(manifest, {"fingerprint": fingerprint, "count": len(done)})
     return done
 
 
@@ -110,18 +123,78 @@ def _check_resume(recipe: Recipe, run_dir: Path, resume: bool) -> None:
         raise RecipeError(f"--resume: the recipe differs from {saved}; resume with the same recipe")
 
 
-def live_teacher_source(recipe: Recipe) -> ModelSource:
-    if not isinstance(recipe.teacher, LiveTeacherConfig):
-        kind = recipe.teacher.kind if recipe.teacher else "none"
-        raise RecipeError(f"teacher.kind: {kind!r} is not supported by this command yet (use 'live')")
-    return recipe.teacher.model
+@dataclass
+class Prepared:
+    """What every stage needs before training: teacher, tokenizer, vocabulary, tokenised data, student init."""
+
+    teacher: TeacherHandle | None
+    tokenizer: PreTrainedTokenizerBase
+    vocab: int
+    pad_id: int
+    train: list[TokenizedExample]
+    dropped: int
+    eval: list[TokenizedExample]
+    student: PreTrainedModel | None
+    student_info: dict[str, Any]
+    timing: dict[str, float]
+
+
+def prepare(recipe: Recipe, progress: Progress, *, with_student: bool = True, with_eval: bool = True) -> Prepared:
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    teacher: TeacherHandle | None = None
+    if recipe.teacher is not None:
+        progress.log(f"opening the {recipe.teacher.kind} teacher")
+        need_weights = (
+            recipe.student.init == "prune"
+            or (with_eval and recipe.data.eval is not None)
+            or (recipe.data.generate is not None and recipe.teacher.kind != "served")
+        )
+        teacher = open_teacher(recipe.teacher, need_weights=need_weights)
+    timing["load_teacher_s"] = time.perf_counter() - t0
+
+    train_examples = read_examples(recipe.data.train.path, recipe.data.train.limit)
+    eval_examples: list[Example] = []
+    if with_eval and recipe.data.eval is not None:
+        eval_examples = read_examples(recipe.data.eval.path, recipe.data.eval.limit)
+    t0 = time.perf_counter()
+    if recipe.data.generate is not None:
+        if teacher is None:
+            raise RecipeError("data.generate: needs a teacher")
+        train_examples = generated_data(recipe, teacher, "train", train_examples, progress)
+        if eval_examples:
+            eval_examples = generated_data(recipe, teacher, "eval", eval_examples, progress)
+    timing["generate_s"] = time.perf_counter() - t0
+
+    student = None
+    info: dict[str, Any] = {}
+    if with_student:
+        student, info = build_student(recipe.student, teacher.model if teacher else None)
+    if recipe.student.init == "pretrained":
+        assert recipe.student.model is not None
+        tokenizer = load_tokenizer(recipe.student.model)
+    elif teacher is not None:
+        tokenizer = teacher.tokenizer
+    else:
+        raise RecipeError("student: without a teacher, init must be 'pretrained' (a tokenizer is needed)")
+    if teacher is not None:
+        ref = student if student is not None else teacher.model
+        vocab = shared_vocab(teacher.tokenizer, teacher.model, ref, tokenizer) if ref is not None else len(tokenizer)
+    else:
+        assert student is not None
+        vocab = int(student.config.vocab_size)
+    train_tok, dropped = tokenize_examples(tokenizer, train_examples, recipe.data.max_length, recipe.data.system_prompt)
+    if not train_tok:
+        raise InputError(f"{recipe.data.train.path}: no usable training examples (all {dropped} dropped)")
+    eval_tok, _ = tokenize_examples(tokenizer, eval_examples, recipe.data.max_length, recipe.data.system_prompt)
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    return Prepared(teacher, tokenizer, vocab, pad_id, train_tok, dropped, eval_tok, student, info, timing)
 
 
 def run_recipe(recipe: Recipe, *, resume: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Run every method of the recipe; return the summary written to eval.json."""
     progress = progress or NullProgress()
     t_start = time.perf_counter()
-    timing: dict[str, float] = {}
     preflight(recipe)
     run_dir = recipe.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -131,50 +204,23 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: Progress | Non
         torch.set_num_threads(recipe.train.threads)
     seed_everything(recipe.seed, recipe.train.deterministic)
 
-    t0 = time.perf_counter()
-    teacher: LoadedModel | None = None
-    if recipe.teacher is not None:
-        source = live_teacher_source(recipe)
-        progress.log(f"loading teacher {source.path}")
-        teacher = load_model(source)
-    timing["load_teacher_s"] = time.perf_counter() - t0
-
-    train_examples = read_examples(recipe.data.train.path, recipe.data.train.limit)
-    eval_examples = read_examples(recipe.data.eval.path, recipe.data.eval.limit) if recipe.data.eval else []
-    t0 = time.perf_counter()
-    if recipe.data.generate is not None:
-        assert teacher is not None
-        train_examples = generated_data(recipe, teacher, "train", train_examples, run_dir, progress)
-        if eval_examples:
-            eval_examples = generated_data(recipe, teacher, "eval", eval_examples, run_dir, progress)
-    timing["generate_s"] = time.perf_counter() - t0
-
-    base_student, student_info = build_student(recipe.student, teacher.model if teacher else None)
-    if recipe.student.init == "pretrained":
-        assert recipe.student.model is not None
-        tokenizer = load_tokenizer(recipe.student.model)
-    elif teacher is not None:
-        tokenizer = teacher.tokenizer
-    else:
-        raise RecipeError("student: without a teacher, init must be 'pretrained' (a tokenizer is needed)")
-    vocab = shared_vocab_size(teacher, base_student, tokenizer) if teacher else base_student.config.vocab_size
-    live = LiveTeacher(teacher.model, vocab) if teacher else None
-
-    train_tok, dropped = tokenize_examples(tokenizer, train_examples, recipe.data.max_length, recipe.data.system_prompt)
-    if not train_tok:
-        raise InputError(f"{recipe.data.train.path}: no usable training examples (all {dropped} dropped)")
-    eval_tok, _ = tokenize_examples(tokenizer, eval_examples, recipe.data.max_length, recipe.data.system_prompt)
-    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    prep = prepare(recipe, progress)
+    timing = prep.timing
+    base_student = prep.student
+    assert base_student is not None
+    vocab, eval_tok, train_tok = prep.vocab, prep.eval, prep.train
+    exact = prep.teacher.exact(vocab) if prep.teacher else None
+    source = prep.teacher.source(vocab) if prep.teacher else None
 
     def run_eval(model: torch.nn.Module) -> dict[str, Any] | None:
         if not eval_tok:
             return None
         return evaluate(
             model,  # type: ignore[arg-type]
-            live,
+            exact,
             eval_tok,
             vocab_size=vocab,
-            pad_id=pad_id,
+            pad_id=prep.pad_id,
             batch_size=recipe.eval.batch_size,
             buckets=recipe.eval.position_buckets,
             chunk_size=recipe.train.chunk_size,
@@ -197,12 +243,12 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: Progress | Non
             continue
         method = METHODS.get(cfg.name)(cfg)  # type: ignore[call-arg]
         student = copy.deepcopy(base_student)
-        stream = _stream(recipe, train_tok, pad_id)
+        stream = _stream(recipe, train_tok, prep.pad_id)
         result = train(
             student=student,
             method=method,
             stream=stream,
-            teacher=live if method.needs_teacher else None,
+            teacher=source if method.needs_teacher else None,
             cfg=recipe.train,
             out_dir=method_dir,
             vocab_size=vocab,
@@ -213,7 +259,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: Progress | Non
         t0 = time.perf_counter()
         after = run_eval(student)
         eval_s = time.perf_counter() - t0
-        save_student(student, tokenizer, method_dir / "student")
+        save_student(student, prep.tokenizer, method_dir / "student")
         hist = result.history
         entry = {
             "method": cfg.model_dump(mode="json"),
@@ -223,6 +269,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: Progress | Non
             "eval_seconds": eval_s,
             "resumed_from": result.resumed_from,
             "final_loss": hist[-1]["loss"] if hist else None,
+            "step_seconds_median": sorted(h["step_seconds"] for h in hist)[len(hist) // 2] if hist else None,
             "real_tokens_per_s": (
                 sum(h["real_tokens"] for h in hist) / sum(h["step_seconds"] for h in hist) if hist else None
             ),
@@ -233,16 +280,18 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: Progress | Non
         write_json_atomic(done_file, entry)
         results[cfg.name] = entry
         del student
+    if prep.teacher is not None:
+        prep.teacher.close()
 
     timing["total_s"] = time.perf_counter() - t_start
     summary = {
         "name": recipe.name,
         "primary": recipe.method.name,
-        "teacher": teacher.source if teacher else None,
-        "student": student_info,
+        "teacher": f"{prep.teacher.kind}: {prep.teacher.ident}" if prep.teacher else None,
+        "student": prep.student_info,
         "data": {
             "train_examples": len(train_tok),
-            "train_dropped": dropped,
+            "train_dropped": prep.dropped,
             "eval_examples": len(eval_tok),
             "train_answer_tokens": sum(t.num_loss_tokens for t in train_tok),
             "eval_answer_tokens": sum(t.num_loss_tokens for t in eval_tok),

@@ -112,8 +112,11 @@ class DataFile(Strict):
 
 
 class GenerateConfig(Strict):
-    """Teacher completes every prompt first (sequence-KD data); the result is cached in the run folder."""
+    """Teacher completes every prompt first (sequence-KD data). Answers are stored under `store`, keyed by
+    a fingerprint of prompts, teacher and settings, so runs that share them (live, cached or served
+    teacher; resumed runs) generate once."""
 
+    store: str = "runs/.generated"
     max_new_tokens: int = Field(default=64, ge=1)
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0)
@@ -178,6 +181,16 @@ class TrainConfig(Strict):
     deterministic: bool = True
 
 
+class CacheConfig(Strict):
+    """Where and how `distill cache` stores the teacher's top-k (read back with teacher.kind: cache)."""
+
+    path: str = "runs/{name}/teacher-cache"
+    k: int = Field(default=64, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    shard_size: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+
+
 class EvalConfig(Strict):
     batch_size: int = Field(default=8, ge=1)
     before: bool = True
@@ -205,14 +218,15 @@ class Recipe(Strict):
     baselines: list[MethodConfig] = Field(default_factory=list)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @model_validator(mode="after")
     def _capabilities(self) -> Recipe:
         needs_teacher = [m.name for m in [self.method, *self.baselines] if m.name != "sft"]
         if needs_teacher and self.teacher is None:
             raise ValueError(f"method {needs_teacher[0]!r} needs a teacher section")
-        if self.student.init == "prune" and self.teacher is None:
-            raise ValueError("student.init='prune' prunes the teacher, so it needs a teacher section")
+        if self.student.init == "prune" and local_teacher_source(self.teacher) is None:
+            raise ValueError("student.init='prune' prunes the teacher: the teacher section needs local weights")
         if "seq_kd" in needs_teacher and self.data.generate is None:
             raise ValueError("method 'seq_kd' trains on teacher-generated text: set data.generate")
         names = [m.name for m in [self.method, *self.baselines]]
@@ -222,6 +236,9 @@ class Recipe(Strict):
 
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name))
+
+    def cache_dir(self) -> Path:
+        return Path(self.cache.path.format(name=self.name))
 
 
 def teacher_sources(teacher: TeacherConfig | None) -> list[tuple[str, ModelSource]]:

@@ -29,7 +29,6 @@ import os
 import random
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -48,6 +47,10 @@ T = TypeVar("T")
 
 # prompt_logprobs[i] is the distribution of token i: the prediction made at position j is entry j + 1
 PROMPT_LOGPROBS_OFFSET = 1
+# llama.cpp's echo: after re-inserting the entries it skips for BOS tokens, entry j is the prediction AT j
+ECHO_OFFSET = 0
+# extra log-probs asked of llama.cpp so that k remain after dropping those keyed by ambiguous text
+ECHO_EXTRA = 8
 # HTTP statuses worth another try: overload, rate limits, server faults, gateways
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
@@ -110,7 +113,9 @@ class _Client:
             if attempt:
                 delay = self.backoff_s * (2 ** (attempt - 1)) * (1.0 + 0.25 * random.random())
                 if self.stopping.wait(delay):
-                    break
+                    raise ServedTeacherError(
+                        f"served teacher {url}: gave up ({last}) as another request failed"
+                    )
             req = urllib.request.Request(url, data=body, headers=self._headers(), method=method)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
@@ -120,7 +125,9 @@ class _Client:
                 if err.code in _RETRY_STATUS:
                     last = f"HTTP {err.code}: {detail}"
                     continue
-                raise ServedTeacherError(f"served teacher {url}: HTTP {err.code}: {detail}") from None
+                raise ServedTeacherError(
+                    f"served teacher {url}: HTTP {err.code}: {detail}{_hint(err.code, detail)}"
+                ) from None
             except TimeoutError:
                 last = f"no answer within timeout_s={self.timeout_s:g}"
                 continue
@@ -156,6 +163,16 @@ def _one_line(obj: object, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _hint(code: int, detail: str) -> str:
+    if code in (401, 403):
+        return " (check the API key in the variable named by teacher.api_key_env)"
+    if code == 404:
+        return " (check teacher.base_url, which usually ends in /v1, and teacher.model)"
+    if "logprob" in detail.lower():
+        return " (the server must allow teacher.top_k log-probs: vLLM's --max-logprobs)"
+    return ""
+
+
 def _error_detail(err: urllib.error.HTTPError) -> str:
     try:
         raw = err.read()
@@ -178,15 +195,14 @@ def _error_detail(err: urllib.error.HTTPError) -> str:
 # response parsing and validation
 
 
-def _finite(value: Any, where: str) -> float:
+def _logprob(value: Any, where: str) -> float:
+    """A log-prob from JSON: a number <= 0 (up to rounding), -inf allowed; anything else is malformed."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Malformed(f"{where}: log-prob {value!r} is not a number")
     out = float(value)
     if math.isnan(out) or out > 1e-4:
         raise _Malformed(f"{where}: log-prob {out} is not a log-probability")
-    if math.isinf(out):
-        raise _Malformed(f"{where}: log-prob is -inf")
-    return out
+    return out  # -inf (an impossible token) is fine unless it ends up in the top k: `_top_k` checks
 
 
 def _top_k(entries: dict[int, float], k: int, vocab_size: int, where: str) -> tuple[list[int], list[float]]:
@@ -198,6 +214,11 @@ def _top_k(entries: dict[int, float], k: int, vocab_size: int, where: str) -> tu
         if not 0 <= tid < vocab_size:
             raise _Malformed(f"{where}: token id {tid} outside the vocabulary ({vocab_size})")
     best = sorted(entries.items(), key=lambda kv: (-kv[1], kv[0]))[:need]
+    if math.isinf(best[-1][1]):
+        raise _Malformed(f"{where}: a top-{need} log-prob is -inf")
+    mass = math.fsum(math.exp(lp) for _, lp in best)
+    if mass > 1.0 + 1e-3:
+        raise _Malformed(f"{where}: top-{need} log-probs sum to probability {mass:.4f} > 1")
     return [t for t, _ in best], [lp for _, lp in best]
 
 
@@ -215,7 +236,7 @@ def _parse_id_keyed(entry: Any, where: str, prefix: str = "") -> dict[int, float
         except ValueError:
             raise _Malformed(f"{where}: key {key!r} is not a token id") from None
         lp = value.get("logprob") if isinstance(value, dict) else value
-        out[tid] = _finite(lp, where)
+        out[tid] = _logprob(lp, where)
     return out
 
 
@@ -257,6 +278,9 @@ class ServedTeacherSource(TeacherSource):
         self.client = _Client(cfg.base_url, api_key, cfg.timeout_s, cfg.max_retries, cfg.backoff_s)
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="served-teacher")
         self._closed = False
+        self._lock = threading.Lock()
+        self._echo: _EchoParser | None = None
+        self.echo_unresolved = 0  # echo protocol: top log-probs keyed by ambiguous text, left in the tail
 
     # ---- plumbing
 
@@ -320,7 +344,9 @@ class ServedTeacherSource(TeacherSource):
             lps = torch.zeros((0, k), dtype=torch.float32)
         expected = int(select.sum())
         if ids.shape != (expected, k):  # an internal invariant: never hand back misaligned rows
-            raise ServedTeacherError(f"served teacher {self.cfg.base_url}: got {tuple(ids.shape)} rows, expected {(expected, k)}")
+            raise ServedTeacherError(
+                f"served teacher {self.cfg.base_url}: got {tuple(ids.shape)} rows, expected {(expected, k)}"
+            )
         return SparseTeacherSignal(ids=ids, logprobs=lps, temperature=1.0, vocab_size=self.vocab_size)
 
     def _segment_topk(self, tokens: list[int], selected: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,7 +399,21 @@ class ServedTeacherSource(TeacherSource):
         return self.client.request("POST", "/completions", payload, parse)
 
     def _echo_logprobs(self, tokens: list[int], selected: list[int]) -> list[tuple[list[int], list[float]]]:
-        return _EchoParser(self).top_k(tokens, selected)
+        with self._lock:
+            if self._echo is None:
+                self._echo = _EchoParser(self.tokenizer, self.vocab_size)
+        echo = self._echo
+        # the prediction at j needs tokens <= j; one more keeps it off the end of the echo
+        prompt = tokens[: max(selected) + 2]
+        payload = echo.payload(self.cfg.model, prompt, self.top_k)
+
+        def parse(data: Any) -> tuple[list[tuple[list[int], list[float]]], int]:
+            return echo.rows(data, prompt, selected, self.top_k)
+
+        rows, unresolved = self.client.request("POST", "/completions", payload, parse)
+        with self._lock:
+            self.echo_unresolved += unresolved
+        return rows
 
     # ---- generation
 
@@ -388,19 +428,26 @@ class ServedTeacherSource(TeacherSource):
         """Continue each prompt (token ids, e.g. a chat prompt, or text); temperature 0 is greedy.
         Prompt i is sampled with seed `seed + i`, so results do not depend on concurrency."""
         jobs = [
-            (lambda i=i, p=p: self._generate_one(p, max_new_tokens, temperature, top_p, None if seed is None else seed + i))
+            (
+                lambda i=i, p=p: self._generate_one(
+                    p, max_new_tokens, temperature, top_p, None if seed is None else seed + i
+                )
+            )
             for i, p in enumerate(prompts)
         ]
         return self._run_all(jobs)
 
     def _generate_one(
-        self, prompt: Sequence[int] | str, max_new_tokens: int, temperature: float, top_p: float, seed: int | None
+        self,
+        prompt: Sequence[int] | str,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
     ) -> Generation:
+        sent: str | list[int]
         if isinstance(prompt, str):
-            if self.cfg.protocol == "prompt_logprobs":
-                sent: str | list[int] = prompt
-            else:
-                sent = prompt
+            sent = prompt
         else:
             ids = [int(t) for t in prompt]
             # llama.cpp's server takes text prompts only; vLLM and SGLang take token ids
@@ -416,6 +463,10 @@ class ServedTeacherSource(TeacherSource):
             payload["seed"] = int(seed)
         if self.cfg.protocol == "prompt_logprobs":
             payload["return_token_ids"] = True  # vLLM >= 0.10.2; servers that do not know it ignore it
+        else:
+            payload["repeat_penalty"] = (
+                1.0  # llama.cpp's server defaults to 1.1: not the model's distribution
+            )
 
         def parse(data: Any) -> Generation:
             choice = _first_choice(data)
@@ -439,8 +490,8 @@ class ServedTeacherSource(TeacherSource):
     def check_alignment(self, live_model: Any, batch: Batch, select: torch.Tensor | None = None) -> float:
         """Max |served log-prob - live log-prob| over the served top-k ids at every selected position
         (default: every position that has a target). A one-off check that the server runs the same
-        weights and that this protocol's positions line up; raises if the top-1 ids disagree anywhere
-        the live model's top-1 is not a near-tie."""
+        weights and that this protocol's positions line up: ~1e-4 for the same weights in fp32; above 1
+        means another model or shifted positions."""
         from distill.data.batching import IGNORE
 
         if select is None:
@@ -472,7 +523,9 @@ def _segments(batch: Batch, select: torch.Tensor) -> list[_Segment]:
     Packed batches (no attention mask): sequences start where position_ids restart at 0.
     """
     if select.shape != batch.input_ids.shape:
-        raise ValueError(f"select {tuple(select.shape)} does not match the batch {tuple(batch.input_ids.shape)}")
+        raise ValueError(
+            f"select {tuple(select.shape)} does not match the batch {tuple(batch.input_ids.shape)}"
+        )
     sel = select.detach().cpu().bool()
     segments: list[_Segment] = []
     for b in range(sel.shape[0]):
@@ -498,13 +551,98 @@ def _segments(batch: Batch, select: torch.Tensor) -> list[_Segment]:
 
 
 class _EchoParser:
-    """Filled in below (llama.cpp protocol)."""
+    """llama.cpp's server (`llama_cpp.server`): /v1/completions with echo=true and logprobs=k.
 
-    def __init__(self, source: ServedTeacherSource) -> None:
-        self.source = source
+    What it returns, measured against a live model of the same weights (the test proves it):
 
-    def top_k(self, tokens: list[int], selected: list[int]) -> list[tuple[list[int], list[float]]]:
-        raise ServedTeacherError("echo protocol not implemented yet")
+    * It takes text, not ids: the ids are decoded and sent, and the token strings it echoes back are
+      checked against ours, so a different tokenisation is an error, not a shift.
+    * Its entries are indexed by prediction position, not by predicted token: after putting back the
+      entries it leaves out (a leading BOS token is dropped from the echo, and every later BOS token's
+      entry is skipped), entry j holds the distribution made AT position j (``ECHO_OFFSET`` = 0). Lost:
+      the first entry (always null, so no prediction at position 0) and one per inner BOS token (the
+      prediction just before it when the sequence starts with BOS, else the one at it).
+    * Its top log-probs are keyed by token TEXT. Special tokens render as "" and partial UTF-8 bytes lose
+      their bytes, so several ids can share a key; those entries cannot be placed on an id and are left
+      in the tail mass (`ServedTeacherSource.echo_unresolved` counts them). k + ECHO_EXTRA log-probs are
+      asked for so that k resolvable ones normally remain; fewer is an error. For an exact top-k, serve
+      the teacher with vLLM or SGLang (protocol "prompt_logprobs").
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.bos: int | None = getattr(tokenizer, "bos_token_id", None)
+        special: set[int] = set(getattr(tokenizer, "all_special_ids", []) or [])
+        for tid, added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
+            if getattr(added, "special", False):
+                special.add(int(tid))
+        pieces: list[str] = []
+        by_text: dict[str, int | None] = {}
+        for tid in range(vocab_size):
+            text = "" if tid in special else str(tokenizer.decode([tid])).replace("\ufffd", "")
+            pieces.append(text)
+            by_text[text] = tid if text not in by_text else None  # None: ambiguous
+        self.pieces = pieces
+        self.by_text = by_text
+
+    def payload(self, model: str, tokens: list[int], k: int) -> dict[str, Any]:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return {
+            "model": model,
+            "prompt": text,
+            "echo": True,
+            "logprobs": k + ECHO_EXTRA,
+            "max_tokens": 1,
+            "temperature": 0.0,
+        }
+
+    def rows(
+        self, data: Any, tokens: list[int], selected: list[int], k: int
+    ) -> tuple[list[tuple[list[int], list[float]]], int]:
+        """Rows for the selected positions, and how many entries could not be placed on an id."""
+        logprobs = _first_choice(data).get("logprobs")
+        if not isinstance(logprobs, dict):
+            raise _Malformed("no logprobs in the answer (was the server started with --logits_all true?)")
+        echoed, tops = logprobs.get("tokens"), logprobs.get("top_logprobs")
+        if not isinstance(echoed, list) or not isinstance(tops, list) or len(echoed) != len(tops):
+            raise _Malformed("logprobs.tokens and logprobs.top_logprobs missing or of different lengths")
+        lead = 1 if self.bos is not None and tokens and tokens[0] == self.bos else 0
+        by_position: dict[int, Any] = {}
+        e = 0
+        for idx, tid in enumerate(tokens[lead:]):
+            if tid == self.bos:
+                continue  # llama.cpp skips the entry of every BOS token after the first
+            if e >= len(echoed):
+                raise _Malformed(f"echo ends after {len(echoed)} tokens; the prompt has {len(tokens)}")
+            piece = self.pieces[tid] if 0 <= tid < self.vocab_size else None
+            if piece and echoed[e] != piece:
+                raise _Malformed(
+                    f"llama.cpp tokenised the text differently at position {idx + lead}: "
+                    f"{echoed[e]!r} where the batch has {piece!r}"
+                )
+            by_position[idx] = tops[e]
+            e += 1
+        if e < len(echoed):  # the generated token's entry: the prediction after the last prompt token
+            by_position[len(tokens) - lead] = tops[e]
+        out = []
+        unresolved = 0
+        for j in selected:
+            where = f"position {j}"
+            entry = by_position.get(j + ECHO_OFFSET)
+            if not isinstance(entry, dict):
+                raise _Malformed(
+                    f"{where}: llama.cpp gives no log-probs there (none at position 0 nor next to a BOS token)"
+                )
+            ids: dict[int, float] = {}
+            for key, value in entry.items():
+                found = self.by_text.get(str(key))
+                if found is None:
+                    unresolved += 1
+                    continue
+                ids[found] = _logprob(value, where)
+            out.append(_top_k(ids, k, self.vocab_size, where))
+        return out, unresolved
 
 
-__all__ = ["Generation", "ServedTeacherError", "ServedTeacherSource", "PROMPT_LOGPROBS_OFFSET", "time"]
+__all__ = ["ECHO_OFFSET", "PROMPT_LOGPROBS_OFFSET", "Generation", "ServedTeacherError", "ServedTeacherSource"]
