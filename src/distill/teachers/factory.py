@@ -67,7 +67,9 @@ def open_teacher(cfg: TeacherConfig, *, need_weights: bool) -> TeacherHandle:
     if isinstance(cfg, ServedTeacher):
         from distill.teachers.served import ServedTeacherSource
 
-        remote: TeacherSource = ServedTeacherSource(cfg, tokenizer)
+        served = ServedTeacherSource(cfg, tokenizer)
+        served.check_server()  # fail now, with one line, rather than at the first training step
+        remote: TeacherSource = served
         return TeacherHandle("served", ident or cfg.model, tokenizer, model, remote)
     if isinstance(cfg, CachedTeacher):
         from distill.teachers.cache import CachedTeacherSource

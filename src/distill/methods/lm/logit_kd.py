@@ -39,7 +39,8 @@ class LogitKD(Method):
         dense = signal.logits if isinstance(signal, TeacherSignal) else None
         sparse = None
         if isinstance(signal, SparseTeacherSignal):
-            sparse = SparseTopK(signal.ids, signal.logprobs, signal.temperature, self.cfg.tail)
+            device = hidden.device
+            sparse = SparseTopK(signal.ids.to(device), signal.logprobs.to(device), signal.temperature, self.cfg.tail)
         loss, parts = chunked_head_loss(
             hidden,
             weight,
