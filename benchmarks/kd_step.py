@@ -23,12 +23,15 @@ Not part of the test suite (tests/ never imports it). Needs `pip install -e .[be
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
 import argparse
 import contextlib
 import copy
 import gc
 import json
-import os
 import platform
 import resource
 import statistics
@@ -43,18 +46,18 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from distill.data.batching import IGNORE, Batch, BatchStream
 from distill.data.generate import generate_completions
-from distill.data.records import Example, read_examples
+from distill.data.records import Example, read_examples, write_jsonl_atomic
 from distill.data.tokenize import TokenizedExample, tokenize_examples
 from distill.engine.trainer import accumulate_gradients, train
 from distill.methods.base import Method
 from distill.methods.lm.cross_entropy import SFTMethod
 from distill.methods.lm.logit_kd import LogitKD
-from distill.models.loading import fresh_copy, load_model, load_tokenizer
+from distill.models.loading import fresh_copy, load_model
 from distill.models.student import prune_depth
 from distill.recipe import SFT, Recipe, load_recipe
 from distill.recipe import LogitKD as LogitKDConfig
@@ -110,6 +113,13 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak RSS. On Linux that is VmHWM: ru_maxrss is max(VmHWM, the RSS of the process that
+    exec'd us), and our parent (holding both models) spawns the workers, so ru_maxrss would only report the
+    parent's size."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb if platform.system() == "Darwin" else kb * 1024
 
@@ -151,9 +161,9 @@ class Pair:
 
 def build_pair(recipe: Recipe, teacher: PreTrainedModel, tok: PreTrainedTokenizerBase, device: torch.device) -> Pair:
     assert recipe.student.prune is not None
-    teacher = teacher.to(device).eval()
+    teacher.to(device).eval()  # type: ignore[arg-type]
     student, _ = prune_depth(teacher, recipe.student.prune)
-    student = student.to(device).train()
+    student.to(device).train()  # type: ignore[arg-type]
     vocab = min(teacher.get_output_embeddings().weight.shape[0], len(tok))  # type: ignore[union-attr]
     return Pair(recipe, teacher, student, tok, vocab, device)
 
@@ -164,15 +174,22 @@ def teacher_answers(recipe: Recipe, pair: Pair, n_prompts: int) -> tuple[list[Ex
     for cached in (rel, Path(__file__).resolve().parents[1] / rel):
         if cached.exists():
             return read_examples(str(cached)), f"{cached} (quickstart's cached teacher answers)"
-    cached = rel
+    own = Path("runs") / "benchmarks" / f"kd_step_answers_{n_prompts}.jsonl"  # runs/ is git-ignored
+    if own.exists():
+        out = read_examples(str(own))
+        rows = [json.loads(line) for line in own.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for ex, row in zip(out, rows, strict=True):
+            ex.finished = bool(row.get("finished", True))  # no end token is learnt after a cut answer
+        return out, f"{own} (this benchmark's earlier teacher answers)"
     prompts = read_examples(recipe.data.train.path)
     step = max(1, len(prompts) // n_prompts)
     prompts = prompts[::step][:n_prompts]  # spread over the file's categories
     assert recipe.data.generate is not None
     cfg = recipe.data.generate.model_copy(update={"max_new_tokens": 64})
-    log(f"{cached} not found: the teacher answers {len(prompts)} prompts (max_new_tokens 64)")
+    log(f"{rel} not found: the teacher answers {len(prompts)} prompts (max_new_tokens 64)")
     out = generate_completions(pair.teacher, pair.tokenizer, prompts, cfg, system_prompt=recipe.data.system_prompt)
-    return out, f"{len(out)} quickstart prompts answered by the teacher now"
+    write_jsonl_atomic(own, [{**row, "finished": ex.finished} for row, ex in zip(chat_rows(out), out, strict=True)])
+    return out, f"{len(out)} quickstart prompts answered by the teacher now (saved to {own})"
 
 
 def chat_rows(examples: list[Example]) -> list[dict[str, Any]]:
@@ -268,35 +285,52 @@ def make_step(kind: str, pair: Pair, student: PreTrainedModel, opt: torch.optim.
     raise ValueError(f"unknown step kind {kind!r}")
 
 
+@dataclass
+class StepTimes:
+    """Per variant, one value per repetition: wall seconds and process CPU seconds per optimizer step."""
+
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+
+
 def measure_step_times(pair: Pair, batches: list[Batch], acc: Accelerator, reps: int, steps: int,
-                       chunk_size: int) -> dict[str, list[float]]:
+                       chunk_size: int) -> StepTimes:
     """Seconds per optimizer step of every variant, one value per repetition (mean over `steps` steps).
 
     Variants share one student and optimizer (updates do not change the cost) and are interleaved step
-    by step; the order rotates with every repetition."""
+    by step; the order rotates with every repetition. Process CPU time is recorded too: on a shared
+    machine it is far less sensitive than wall time to other processes taking the cores."""
     student = copy.deepcopy(pair.student).train()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
     fns = {k: make_step(k, pair, student, opt, acc, chunk_size) for k in STEP_KINDS}
     for kind, fn in fns.items():  # warm-up: allocator, thread pools, optimizer state
         fn(batches[0])
         log(f"warm-up {kind} done")
-    out: dict[str, list[float]] = {k: [] for k in fns}
+    out = StepTimes(wall={k: [] for k in fns}, cpu={k: [] for k in fns})
     for rep in range(reps):
         names = list(fns)
         names = names[rep % len(names):] + names[: rep % len(names)]
-        total = dict.fromkeys(names, 0.0)
+        wall = dict.fromkeys(names, 0.0)
+        cpu = dict.fromkeys(names, 0.0)
         for i in range(steps):
             batch = batches[i % len(batches)]
             for name in names:
                 _sync(pair.device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fns[name](batch)
                 _sync(pair.device)
-                total[name] += time.perf_counter() - t0
+                wall[name] += time.perf_counter() - t0
+                cpu[name] += time.process_time() - c0
         for name in names:
-            out[name].append(total[name] / steps)
-        log(f"step times rep {rep + 1}/{reps}: " + ", ".join(f"{n} {out[n][-1]:.2f}s" for n in fns))
+            out.wall[name].append(wall[name] / steps)
+            out.cpu[name].append(cpu[name] / steps)
+        log(f"step times rep {rep + 1}/{reps} (wall | cpu): "
+            + ", ".join(f"{n} {out.wall[n][-1]:.2f}s | {out.cpu[n][-1]:.2f}s" for n in fns))
     return out
+
+
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
 
 
 def _sync(device: torch.device) -> None:
@@ -314,6 +348,7 @@ class LoopRun:
     """Timed steps of one training loop (warm-up steps excluded)."""
 
     seconds: float
+    cpu_seconds: float  # process CPU time over the same steps
     real_tokens: int
     slots: int  # batch elements including padding
     steps: int
@@ -321,6 +356,10 @@ class LoopRun:
     @property
     def tokens_per_s(self) -> float:
         return self.real_tokens / self.seconds
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.real_tokens / self.cpu_seconds
 
     @property
     def step_s(self) -> float:
@@ -331,13 +370,13 @@ class LoopRun:
 class StampProgress:
     """Progress hook that timestamps the end of every engine step (after its metrics row is written)."""
 
-    stamps: list[float] = field(default_factory=list)
+    stamps: list[tuple[float, float]] = field(default_factory=list)  # (wall, process CPU)
 
     def start(self, label: str, total: int | None) -> None:
-        self.stamps = [time.perf_counter()]
+        self.stamps = [_now()]
 
     def advance(self, n: int = 1, info: str = "") -> None:
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(_now())
 
     def finish(self) -> None:
         pass
@@ -360,7 +399,8 @@ def run_distill_loop(pair: Pair, examples: list[TokenizedExample], acc: Accelera
                        teacher=LiveTeacher(pair.teacher, pair.vocab), cfg=cfg, out_dir=Path(tmp),
                        vocab_size=pair.vocab, seed=recipe.seed, progress=progress, accelerator=acc)
     timed = result.history[warmup:]
-    return LoopRun(seconds=progress.stamps[-1] - progress.stamps[warmup], real_tokens=sum(h["real_tokens"] for h in timed),
+    (w0, c0), (w1, c1) = progress.stamps[warmup], progress.stamps[-1]
+    return LoopRun(seconds=w1 - w0, cpu_seconds=c1 - c0, real_tokens=sum(h["real_tokens"] for h in timed),
                    slots=sum(h["padded_slots"] for h in timed), steps=len(timed))
 
 
@@ -381,21 +421,21 @@ class CountingCollator:
 
 
 def make_trl_trainer(pair: Pair, rows: list[dict[str, Any]], steps: int, batch_size: int, max_length: int,
-                     out_dir: str) -> tuple[Any, CountingCollator, list[float]]:
+                     out_dir: str) -> tuple[Any, CountingCollator, list[tuple[float, float]]]:
     """TRL's GKDTrainer: lmbda=0 (no student generation), beta=0 (TRL: exactly forward KL), same student
     init, teacher, optimizer settings (AdamW, lr, clip) as the quickstart; no eval, no saving, no logging."""
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
 
     gkd_config, gkd_trainer = _gkd_classes()
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
 
     class Stamp(TrainerCallback):  # type: ignore[misc]
         def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-            stamps.append(time.perf_counter())
+            stamps.append(_now())
 
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            stamps.append(time.perf_counter())
+            stamps.append(_now())
 
     train_cfg = pair.recipe.train
     args = gkd_config(
@@ -409,6 +449,7 @@ def make_trl_trainer(pair: Pair, rows: list[dict[str, Any]], steps: int, batch_s
                           train_dataset=Dataset.from_list(rows), processing_class=pair.tokenizer, callbacks=[Stamp()])
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
+    trainer.remove_callback(PrinterCallback)  # it prints the end-of-training metrics dict
     return trainer, counter, stamps
 
 
@@ -420,7 +461,8 @@ def run_trl_loop(pair: Pair, rows: list[dict[str, Any]], steps: int, warmup: int
     # stamps[0] is train begin, stamps[k] the end of step k; the collator's k-th batch feeds step k.
     n = len(stamps) - 1
     timed = range(warmup, n)
-    return LoopRun(seconds=stamps[n] - stamps[warmup], real_tokens=sum(counter.real[i] for i in timed),
+    (w0, c0), (w1, c1) = stamps[warmup], stamps[n]
+    return LoopRun(seconds=w1 - w0, cpu_seconds=c1 - c0, real_tokens=sum(counter.real[i] for i in timed),
                    slots=sum(counter.slots[i] for i in timed), steps=len(timed))
 
 
@@ -448,7 +490,8 @@ def measure_loops(pair: Pair, examples: list[TokenizedExample], rows: list[dict[
             out[name].append(runners[name]())
             gc.collect()
         log(f"loops rep {rep + 1}/{reps}: " + ", ".join(
-            f"{n} {out[n][-1].tokens_per_s:.0f} tok/s ({out[n][-1].step_s:.2f} s/step)" for n in runners))
+            f"{n} {out[n][-1].tokens_per_s:.0f} tok/s, {out[n][-1].tokens_per_cpu_s:.0f} tok/cpu-s "
+            f"({out[n][-1].step_s:.2f} s/step)" for n in runners))
     return out
 
 
@@ -457,6 +500,7 @@ def measure_loops(pair: Pair, examples: list[TokenizedExample], rows: list[dict[
 # ----------------------------------------------------------------------------------------------------
 
 MEMORY_KINDS = ("ce_teacher", "kd_forward_kl", "kd_jsd", "hf_ce_teacher", "trl")
+TARGET_MEMORY_KINDS = ("ce_teacher", "kd_forward_kl", "kd_jsd")
 
 
 def prepare_memory_workdir(pair: Pair, batch: Batch, workdir: Path) -> None:
@@ -465,6 +509,7 @@ def prepare_memory_workdir(pair: Pair, batch: Batch, workdir: Path) -> None:
     plain.load_state_dict(pair.teacher.state_dict())
     plain.save_pretrained(workdir / "teacher", safe_serialization=True)
     del plain
+    pair.tokenizer.save_pretrained(workdir / "teacher")  # parsing the GGUF again would take seconds
     torch.save({"input_ids": batch.input_ids.cpu(), "targets": batch.targets.cpu()}, workdir / "batch.pt")
 
 
@@ -474,8 +519,7 @@ def memory_worker(kind: str, workdir: Path, chunk_size: int) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     acc = Accelerator(cpu=device.type == "cpu")
     teacher = AutoModelForCausalLM.from_pretrained(str(workdir / "teacher"), dtype=torch.float32)
-    assert recipe.teacher is not None
-    pair = build_pair(recipe, teacher, load_tokenizer(recipe.teacher.model), device)
+    pair = build_pair(recipe, teacher, AutoTokenizer.from_pretrained(str(workdir / "teacher")), device)
     saved = torch.load(workdir / "batch.pt")
     bsz, length = saved["input_ids"].shape
     batch = Batch(input_ids=saved["input_ids"], attention_mask=torch.ones(bsz, length, dtype=torch.long),
@@ -505,7 +549,7 @@ def memory_worker(kind: str, workdir: Path, chunk_size: int) -> dict[str, Any]:
         reset = reset_peak_rss()
         run()
         peak = peak_rss_bytes()
-        how = "ru_maxrss (peak reset after loading)" if reset else "ru_maxrss (includes loading peak!)"
+        how = "peak RSS (VmHWM, reset after loading)" if reset else "peak RSS (includes the loading peak!)"
     return {"kind": kind, "pre": pre, "peak": peak, "rise": peak - pre, "how": how}
 
 
@@ -519,26 +563,38 @@ def _trl_memory_run(pair: Pair, batch: Batch, workdir: Path) -> Callable[[], Non
     return lambda: trainer.train()
 
 
-def measure_memory(pair: Pair, batch: Batch, kinds: list[str], chunk_size: int, threads: int | None) -> dict[str, int]:
-    out: dict[str, int] = {}
+MemoryRises = dict[str, list[int]]  # kind -> bytes, one per repetition it ran in
+
+
+def measure_memory(pair: Pair, batch: Batch, kinds: list[str], reps: int, chunk_size: int,
+                   threads: int | None) -> MemoryRises:
+    """Peak-memory rise of every kind, each run in a fresh subprocess. The kinds with a target (CE + teacher,
+    KD) run in every repetition; the others (HF, TRL: information only) in the first, to save time."""
+    out: MemoryRises = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="kd_step_mem_") as tmp:
-        workdir = Path(tmp)
-        prepare_memory_workdir(pair, batch, workdir)
-        for kind in kinds:
-            cmd = [sys.executable, __file__, "--_memory-worker", kind, "--_workdir", tmp, "--chunk-size", str(chunk_size)]
-            if threads:
-                cmd += ["--threads", str(threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            if proc.returncode != 0 or not lines:
-                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                log(f"memory {kind}: worker failed ({tail})")
-                continue
-            res = json.loads(lines[-1])
-            out[kind] = int(res["rise"])
-            log(f"memory {kind}: pre {res['pre'] / 2**20:.0f} MiB, peak {res['peak'] / 2**20:.0f} MiB, "
-                f"rise {res['rise'] / 2**20:.0f} MiB [{res['how']}]")
-    return out
+        prepare_memory_workdir(pair, batch, Path(tmp))
+        for rep in range(reps):
+            for kind in kinds if rep == 0 else [k for k in kinds if k in TARGET_MEMORY_KINDS]:
+                rise = _memory_subprocess(kind, tmp, chunk_size, threads)
+                if rise is not None:
+                    out[kind].append(rise)
+    return {k: v for k, v in out.items() if v}
+
+
+def _memory_subprocess(kind: str, workdir: str, chunk_size: int, threads: int | None) -> int | None:
+    cmd = [sys.executable, __file__, "--_memory-worker", kind, "--_workdir", workdir, "--chunk-size", str(chunk_size)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        log(f"memory {kind}: worker failed ({tail})")
+        return None
+    res = json.loads(lines[-1])
+    log(f"memory {kind}: pre {res['pre'] / 2**20:.0f} MiB, peak {res['peak'] / 2**20:.0f} MiB, "
+        f"rise {res['rise'] / 2**20:.0f} MiB [{res['how']}]")
+    return int(res["rise"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -565,6 +621,75 @@ def print_table(title: str, rows: list[Row]) -> None:
     print(f"  {'figure':<{w1}}  {'median (min-max)':<{w2}}  {'target':<8}  result")
     for r in rows:
         print(f"  {r.figure:<{w1}}  {r.value:<{w2}}  {r.target:<8}  {r.verdict}")
+
+
+def step_rows(times: StepTimes) -> list[Row]:
+    wall, cpu = times.wall, times.cpu
+    rows = [
+        Row("step s: logit_kd forward KL", Spread(wall["kd_forward_kl"]).fmt(unit="s")),
+        Row("step s: logit_kd JSD(0.5)", Spread(wall["kd_jsd"]).fmt(unit="s")),
+        Row("step s: (a) distill CE + LiveTeacher fwd", Spread(wall["ce_teacher"]).fmt(unit="s")),
+        Row("step s: (b) HF CE(labels) + HF teacher fwd", Spread(wall["hf_ce_teacher"]).fmt(unit="s")),
+    ]
+    for kind, label, target in (("kd_forward_kl", "fwd-KL", 1.05), ("kd_jsd", "JSD", 1.10)):
+        r = ratio(wall[kind], wall["ce_teacher"])
+        rows.append(Row(f"KD {label} / (a) strict", r.fmt(3), f"<= {target:.2f}", r.median <= target))
+        rows.append(Row("  same, by process CPU time", ratio(cpu[kind], cpu["ce_teacher"]).fmt(3)))
+    for kind, label in (("kd_forward_kl", "fwd-KL"), ("kd_jsd", "JSD")):
+        rows.append(Row(f"KD {label} / (b) conventional", ratio(wall[kind], wall["hf_ce_teacher"]).fmt(3)))
+    return rows
+
+
+def memory_rows(pair: Pair, mem: MemoryRises) -> list[Row]:
+    if "ce_teacher" not in mem:
+        return []
+    n = min(len(v) for k, v in mem.items() if k in TARGET_MEMORY_KINDS)
+    base = [float(x) for x in mem["ce_teacher"][:n]]
+    # The rise includes the gradients and AdamW's two moments (3 x the student's parameter bytes), which
+    # every variant allocates alike; without them the transient part (activations, logits chunks) remains.
+    state = 3 * sum(q.numel() * q.element_size() for q in pair.student.parameters())
+    rows = []
+    for k, label in (("kd_forward_kl", "fwd KL"), ("kd_jsd", "JSD")):
+        if k not in mem:
+            continue
+        r = ratio([float(x) for x in mem[k][:n]], base)
+        rows.append(Row(f"mem rise KD {label} / (a) CE+teacher", r.fmt(3), "<= 1.25", r.median <= 1.25))
+        if min(base) > state:
+            rows.append(Row("  same, minus grads+AdamW state", ratio([x - state for x in mem[k][:n]],
+                                                                    [x - state for x in base]).fmt(3)))
+    rows += [Row(f"mem rise MiB: {k}", Spread([x / 2**20 for x in v]).fmt(0)) for k, v in mem.items()]
+    if "trl" in mem and "kd_forward_kl" in mem:
+        trl = statistics.median(mem["trl"]) / statistics.median(mem["kd_forward_kl"])
+        rows.append(Row("mem rise TRL GKD / distill KD fwd KL", f"{trl:.2f}"))
+    return rows
+
+
+def loop_rows(loops: dict[str, list[LoopRun]], trl_skipped: str | None) -> list[Row]:
+    def padding(runs: list[LoopRun]) -> str:
+        return f"{1 - sum(r.real_tokens for r in runs) / sum(r.slots for r in runs):.1%}"
+
+    d = loops["distill"]
+    rows = [
+        Row("distill loop real tok/s (fwd KL)", Spread([r.tokens_per_s for r in d]).fmt(0)),
+        Row("distill loop s/step | padding", f"{Spread([r.step_s for r in d]).fmt(unit='s')} | {padding(d)}"),
+    ]
+    if "trl" not in loops:
+        return rows + [Row("TRL GKD", f"not run: {trl_skipped}")]
+    t = loops["trl"]
+    speedup = ratio([r.tokens_per_s for r in d], [r.tokens_per_s for r in t])
+    rows += [
+        Row("TRL GKD (beta=0: fwd KL) real tok/s", Spread([r.tokens_per_s for r in t]).fmt(0)),
+        Row("TRL GKD s/step | padding", f"{Spread([r.step_s for r in t]).fmt(unit='s')} | {padding(t)}"),
+        Row("distill tok/s / TRL tok/s", speedup.fmt(2), ">= 2.5", speedup.median >= 2.5),
+        Row("  same, by process CPU time",
+            ratio([r.tokens_per_cpu_s for r in d], [r.tokens_per_cpu_s for r in t]).fmt(2)),
+    ]
+    return rows
+
+
+def summary_rows(pair: Pair, times: StepTimes, loops: dict[str, list[LoopRun]], mem: MemoryRises,
+                 trl_skipped: str | None) -> list[Row]:
+    return step_rows(times) + loop_rows(loops, trl_skipped) + memory_rows(pair, mem)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -617,57 +742,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # TRL is a moving target: report and go on with distill alone
         if rows is None:
             raise
-        log(f"TRL could not run: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        trl_note = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        log(f"TRL could not run: {trl_note}")
         use_trl = False
         loops = measure_loops(pair, tokenized, None, acc, args.reps, args.steps, args.batch_size, args.length)
     # 3 (+4). memory
-    mem: dict[str, int] = {}
+    mem: MemoryRises = {}
     if not args.no_memory:
         kinds = [k for k in MEMORY_KINDS if k != "trl" or use_trl]
-        mem = measure_memory(pair, batches[0], kinds, args.chunk_size, args.threads)
+        mem = measure_memory(pair, batches[0], kinds, args.reps, args.chunk_size, args.threads)
 
-    # report
-    base_a, base_b = times["ce_teacher"], times["hf_ce_teacher"]
-    r_fkl, r_jsd = ratio(times["kd_forward_kl"], base_a), ratio(times["kd_jsd"], base_a)
-    table = [
-        Row("step s: logit_kd forward KL", Spread(times["kd_forward_kl"]).fmt(unit="s")),
-        Row("step s: logit_kd JSD(0.5)", Spread(times["kd_jsd"]).fmt(unit="s")),
-        Row("step s: (a) distill CE + LiveTeacher fwd", Spread(base_a).fmt(unit="s")),
-        Row("step s: (b) HF CE(labels) + HF teacher fwd", Spread(base_b).fmt(unit="s")),
-        Row("KD fwd-KL / (a) strict", r_fkl.fmt(3), "<= 1.05", r_fkl.median <= 1.05),
-        Row("KD JSD / (a) strict", r_jsd.fmt(3), "<= 1.10", r_jsd.median <= 1.10),
-        Row("KD fwd-KL / (b) conventional", ratio(times["kd_forward_kl"], base_b).fmt(3)),
-        Row("KD JSD / (b) conventional", ratio(times["kd_jsd"], base_b).fmt(3)),
-    ]
-    d = loops["distill"]
-    table += [
-        Row("distill loop real tok/s (fwd KL)", Spread([r.tokens_per_s for r in d]).fmt(0)),
-        Row("distill loop s/step", Spread([r.step_s for r in d]).fmt(unit="s")),
-        Row("distill loop padding fraction", f"{1 - sum(r.real_tokens for r in d) / sum(r.slots for r in d):.1%}"),
-    ]
-    if "ce_teacher" in mem:
-        for kind, label in (("kd_forward_kl", "fwd KL"), ("kd_jsd", "JSD")):
-            if kind in mem:
-                rise = mem[kind] / max(mem["ce_teacher"], 1)
-                table.append(Row(f"mem rise KD {label} / (a) CE+teacher", f"{rise:.3f}", "<= 1.25", rise <= 1.25))
-        table.append(Row("mem rise MiB: (a) CE+teacher | KD fwd KL", f"{mem['ce_teacher'] / 2**20:.0f} | "
-                         f"{mem.get('kd_forward_kl', 0) / 2**20:.0f}"))
-        if "hf_ce_teacher" in mem:
-            table.append(Row("mem rise MiB: (b) HF CE + HF teacher", f"{mem['hf_ce_teacher'] / 2**20:.0f}"))
-    if use_trl and "trl" in loops:
-        t = loops["trl"]
-        speedup = ratio([r.tokens_per_s for r in d], [r.tokens_per_s for r in t])
-        table += [
-            Row("TRL GKD (beta=0 = fwd KL) real tok/s", Spread([r.tokens_per_s for r in t]).fmt(0)),
-            Row("TRL GKD s/step (its own batches)", Spread([r.step_s for r in t]).fmt(unit="s")),
-            Row("TRL GKD padding fraction", f"{1 - sum(r.real_tokens for r in t) / sum(r.slots for r in t):.1%}"),
-            Row("distill tok/s / TRL tok/s", speedup.fmt(2), ">= 2.5", speedup.median >= 2.5),
-        ]
-        if "trl" in mem and "kd_forward_kl" in mem:
-            table.append(Row("mem rise MiB: TRL GKD (same batch)", f"{mem['trl'] / 2**20:.0f}"))
-            table.append(Row("mem rise TRL / distill KD fwd KL", f"{mem['trl'] / max(mem['kd_forward_kl'], 1):.2f}"))
-    elif not args.no_trl:
-        table.append(Row("TRL GKD", f"not run: {trl_note}"))
+    table = summary_rows(pair, times, loops, mem, None if use_trl else trl_note)
     print_table(
         f"kd_step summary: quickstart pair, batch {args.batch_size} x {args.length}, {args.reps} reps, "
         f"{torch.get_num_threads()} threads, {device} ({time.perf_counter() - started:.0f} s total)",

@@ -87,6 +87,8 @@ def cache_teacher(recipe: Recipe, progress: Progress) -> dict[str, Any]:
         vocab_size=prep.vocab,
         shard_size=cfg.shard_size,
         batch_size=cfg.batch_size,
+        value_step=cfg.value_step,
+        zstd_level=cfg.zstd_level,
         pad_id=prep.pad_id,
         progress=progress,
     )

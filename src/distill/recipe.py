@@ -64,6 +64,7 @@ class CachedTeacher(Strict):
 
     kind: Literal["cache"] = "cache"
     path: str
+    memory_mb: float = Field(default=2048.0, gt=0)  # decoded shards kept in memory (>= cache size: no re-reads)
     tokenizer: ModelSource | None = None  # defaults to the tokenizer recorded in the cache manifest
 
 
@@ -189,6 +190,8 @@ class CacheConfig(Strict):
     temperature: float = Field(default=1.0, gt=0)
     shard_size: int = Field(default=256, ge=1)
     batch_size: int = Field(default=8, ge=1)
+    value_step: float = Field(default=0.02, gt=0)  # log-prob quantisation step (in sqrt-p); smaller = exacter, bigger
+    zstd_level: int = Field(default=19, ge=1, le=22)
 
 
 class EvalConfig(Strict):

@@ -47,24 +47,30 @@ Parquet: zstd level 19, no dictionaries, BYTE_STREAM_SPLIT on the integer and fl
 4-byte physical ints, so splitting their bytes into planes lets zstd drop the zero planes).
 Decoding is vectorised numpy over all positions of a batch; a small LRU keeps recently used shards.
 
-Measured (quickstart: SmolLM2-135M-Instruct teacher on 64 of its own answers, 3786 answer tokens,
-k = 64, T = 1; bytes are whole shard files / cached tokens). "KL(pe||pd)" is KL(exact top-64 renormalised
-|| decoded); "|dKL| vs student" is |KL(pe||q) - KL(pd||q)| for the untrained pruned 6-layer student q
-(KL(pe||q) ~ 16.7 nats, which magnifies value errors ~linearly):
+Measured on the quickstart (SmolLM2-135M-Instruct teacher, its answers to 64 training prompts, ~3.7k
+answer tokens, k = 64, T = 1). Bytes are whole shard files per cached token. (b) is KL(p_exact || p_dec)
+with both top-64 distributions renormalised; (a) is |KL(p_exact||q) - KL(p_dec||q)| for the untrained
+6-layer pruned student q, whose KL(p_exact||q) is ~16.7 nats: (a) is first order in the value errors and
+scales with |log p - log q|, so this q magnifies it (q = the teacher at T=2, KL ~1.2 nats, gives a third).
 
-=========================================  ==========  ============  ================
-ids / values                                bytes/tok   KL(pe||pd)    |dKL| vs student
-=========================================  ==========  ============  ================
-ids by log-prob, uint16 + zstd              113 (ids)   -             -
-ids sorted by id, delta uint16 planes       76 (ids)    -             -
-ids discovery-coded (chosen)                62 (ids)    -             -
-values uniform in log, step 0.1 (uint8)     57 (vals)   1.5e-4        9.5e-3
-values fp16                                 128 (vals)  1.0e-7        1.8e-4
-values sqrt codebook step 0.02 (chosen)     30 (vals)   6.8e-4        1.1e-2
-values sqrt codebook step 0.002             55 (vals)   9.6e-6        9.9e-4
-whole cache, default (step 0.02)            ~95         6.8e-4        1.1e-2
-whole cache, value_step=0.0015              ~123        ~6e-6         ~7e-4
-=========================================  ==========  ============  ================
+====================================================  =========  =========  =========
+parts of the encoding (zstd 19)                        bytes/tok  (b)        (a)
+====================================================  =========  =========  =========
+ids in log-prob order, uint16                          113        -          -
+ids sorted, delta-coded, 2 byte planes                 76         -          -
+ids discovery-coded (chosen: old_refs+new_ids+n_new)   61         -          -
+values uniform in log p, step 0.1, id order (uint8)    57         1.5e-4     9.5e-3
+values sqrt codebook step 0.02, id order (chosen)      30         6.8e-4     1.1e-2
+values sqrt codebook step 0.002                        55         9.6e-6     9.9e-4
+log_mass float16; key, start, length, footer           1.9; 0.9   -          -
+====================================================  =========  =========  =========
+
+Whole cache (``python benchmarks/cache.py``; spread prompts, 3668 tokens): value_step 0.02 (default)
+93.5 bytes/token, (b) 6.8e-4, (a) 1.1e-2; 0.005: 108.0, 5.5e-5, 2.4e-3; 0.0015: 121.8, 5.5e-6, 7.3e-4;
+0.04: 88.2, 2.2e-3, 2.3e-2. zstd level 3 / 9 / 19: 98.6 / 96.8 / 94.0 bytes/token. The default meets
+<= 100 bytes/token with (b) <= 1e-3; (a) <= 1e-3 against this student needs value_step <= 0.0015 (~122).
+Not adopted: a per-shard frequency remap of new ids (-1.4 net), recency ranks instead of discovery
+numbers (-2, but sequential decoding), parametric fits of the sorted curve (need ids in log-prob order).
 
 (Full numbers: ``python benchmarks/cache.py``.)
 """
@@ -417,9 +423,11 @@ def decode(codec: _Codec, parts: Sequence[_Encoded]) -> tuple[np.ndarray, np.nda
 
 def _list_column(arrays: list[np.ndarray], dtype: pa.DataType) -> pa.Array:
     lengths = np.array([a.size for a in arrays], dtype=np.int64)
-    offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)]).astype(np.int32)
-    values = np.concatenate(arrays) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, dtype))
+    offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+    values = pa.array(np.concatenate(arrays) if arrays else np.zeros(0), dtype)
+    if offsets[-1] >= 2**31:  # a huge shard: 64-bit offsets
+        return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), values)
 
 
 _ARROW = {np.uint8: pa.uint8(), np.uint16: pa.uint16(), np.uint32: pa.uint32()}

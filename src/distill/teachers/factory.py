@@ -74,6 +74,8 @@ def open_teacher(cfg: TeacherConfig, *, need_weights: bool) -> TeacherHandle:
     if isinstance(cfg, CachedTeacher):
         from distill.teachers.cache import CachedTeacherSource
 
-        cache = CachedTeacherSource(cfg.path, tokenizer_hash=tokenizer_fingerprint(tokenizer))
+        cache = CachedTeacherSource(
+            cfg.path, tokenizer_hash=tokenizer_fingerprint(tokenizer), memory_mb=cfg.memory_mb
+        )
         return TeacherHandle("cache", ident or cache.manifest.teacher_id, tokenizer, model, cache)
     raise CompatibilityError(f"teacher.kind: unknown kind {getattr(cfg, 'kind', cfg)!r}")
