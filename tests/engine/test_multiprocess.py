@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from distill.data.batching import collate
 from distill.engine.trainer import accumulate_gradients
 from distill.methods.lm.logit_kd import LogitKD
+from distill.models.body import LMBody
 from distill.recipe import LogitKD as LogitKDConfig
 from distill.teachers.live import LiveTeacher
 from tests.conftest import tiny_llama
@@ -26,14 +27,15 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
     torch.set_num_threads(1)
     acc = Accelerator(cpu=True)
-    student = acc.prepare(tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=1))
+    student = acc.prepare(LMBody(tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=1)))
     teacher = LiveTeacher(tiny_llama(vocab=V, layers=3, dtype=torch.float64, seed=2), V)
     method = LogitKD(LogitKDConfig(divergence="jsd", ce_weight=0.3))
     exs = _examples()
     micro = [collate(exs, [[i] for i in g], pad_id=0, packing=False) for g in GROUPS[rank]]
     accumulate_gradients(acc, student, method, micro, teacher, chunk_size=4, vocab_size=V)
     if rank == 0:
-        grads = {n: p.grad.clone() for n, p in acc.unwrap_model(student).named_parameters() if p.grad is not None}
+        lm = acc.unwrap_model(student).lm
+        grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
         torch.save(grads, out)
     acc.wait_for_everyone()
     torch.distributed.destroy_process_group()

@@ -25,6 +25,7 @@ from distill.engine.progress import NullProgress, Progress
 from distill.engine.schedule import make_scheduler
 from distill.engine.seeding import rng_state, seed_everything, set_rng_state
 from distill.methods.base import Method, StepInput
+from distill.models.body import LMBody
 from distill.recipe import TrainConfig
 from distill.teachers.base import TeacherSource
 
@@ -59,7 +60,7 @@ def _rewrite_metrics(path: Path, upto_step: int) -> None:
 
 def accumulate_gradients(
     acc: Accelerator,
-    student: torch.nn.Module,
+    model: torch.nn.Module,
     method: Method,
     micro: list[Batch],
     teacher: TeacherSource | None,
@@ -71,7 +72,15 @@ def accumulate_gradients(
 
     Every micro-batch's loss is divided by the real-token count of the whole step on all processes, so k
     micro-batches of B/k give the same gradient as one batch of B, and N processes the same as one.
+    `model` is the student, or an `LMBody` of it as prepared by Accelerate (required for DDP/FSDP).
     """
+    body = model if isinstance(acc.unwrap_model(model), LMBody) else LMBody(model)  # type: ignore[arg-type]
+    student = acc.unwrap_model(body).lm
+
+    def hidden(batch: Batch) -> torch.Tensor:
+        out: torch.Tensor = body(batch.input_ids, batch.attention_mask, batch.position_ids)
+        return out
+
     local = torch.tensor([sum(b.num_loss_tokens for b in micro)], dtype=torch.float64, device=acc.device)
     total_tokens = float(acc.gather(local).sum())
     # DDP averages gradients over processes, so each process divides by total/world to get a sum.
@@ -79,11 +88,12 @@ def accumulate_gradients(
     parts_sum: dict[str, float] = {}
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1
-        ctx = acc.no_sync(student) if not sync else contextlib.nullcontext()
+        ctx = acc.no_sync(body) if not sync else contextlib.nullcontext()
         with ctx, acc.autocast():
             loss, parts = method.step(
                 StepInput(
-                    student=student,  # type: ignore[arg-type]
+                    student=student,
+                    hidden=hidden,
                     batch=batch,
                     teacher=teacher,
                     normalizer=normalizer,
@@ -125,8 +135,8 @@ def train(
         params += [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, total=cfg.steps, warmup=cfg.warmup_steps, kind=cfg.schedule)
-    student, opt = acc.prepare(student, opt)
-    raw_student = acc.unwrap_model(student)
+    body, opt = acc.prepare(LMBody(student), opt)
+    raw_student = acc.unwrap_model(body).lm
     modules: dict[str, torch.nn.Module] = {"student": raw_student}
     modules.update({f"method_{i}": m for i, m in enumerate(method.modules())})
 
@@ -158,7 +168,7 @@ def train(
         t0 = time.perf_counter()
         micro = [stream.next_batch().to(acc.device) for _ in range(cfg.grad_accum)]
         total_tokens, parts_sum = accumulate_gradients(
-            acc, student, method, micro, teacher, chunk_size=cfg.chunk_size, vocab_size=vocab_size
+            acc, body, method, micro, teacher, chunk_size=cfg.chunk_size, vocab_size=vocab_size
         )
         grad_norm = None
         if cfg.max_grad_norm is not None:

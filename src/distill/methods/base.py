@@ -7,6 +7,7 @@ through this interface and the registry.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,12 +16,12 @@ from transformers import PreTrainedModel
 from distill.data.batching import IGNORE, Batch
 from distill.registry import Registry
 from distill.teachers.base import TeacherSource
-from distill.teachers.live import body_hidden
 
 
 @dataclass
 class StepInput:
-    student: PreTrainedModel
+    student: PreTrainedModel  # unwrapped: for its LM head and config
+    hidden: Callable[[Batch], torch.Tensor]  # final hidden states (B, L, H) through the engine's wrapper
     batch: Batch
     teacher: TeacherSource | None
     normalizer: float  # real loss tokens in the whole accumulated, all-process batch
@@ -51,7 +52,7 @@ def student_rows(inp: StepInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """Student hidden states, head weight (sliced to the shared vocabulary), targets, and the selection mask
     at the positions that carry loss."""
     select = inp.batch.targets != IGNORE
-    hidden = body_hidden(inp.student, inp.batch)[select]
+    hidden = inp.hidden(inp.batch)[select]
     head = inp.student.get_output_embeddings()
     if head is None:
         raise ValueError("student has no LM head")
