@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Speed and memory of a logit-KD training step on the quickstart pair, measured side by side in one run.
 
-    python benchmarks/kd_step.py [--reps 3] [--steps N] [--no-trl]
+    python benchmarks/kd_step.py [--reps 3] [--steps N] [--no-trl] [--threads 1]
+
+(`--threads 1` on a shared machine: two OpenMP threads on two busy cores make every time figure noise.)
 
 Teacher: SmolLM2-135M-Instruct (GGUF, de-quantised to fp32); student: its 6-layer depth-pruned copy.
 Four measurements, each repeated `--reps` times with the variants interleaved inside every repetition
@@ -159,7 +161,9 @@ class Pair:
     device: torch.device
 
 
-def build_pair(recipe: Recipe, teacher: PreTrainedModel, tok: PreTrainedTokenizerBase, device: torch.device) -> Pair:
+def build_pair(
+    recipe: Recipe, teacher: PreTrainedModel, tok: PreTrainedTokenizerBase, device: torch.device
+) -> Pair:
     assert recipe.student.prune is not None
     teacher.to(device).eval()  # type: ignore[arg-type]
     student, _ = prune_depth(teacher, recipe.student.prune)
@@ -187,13 +191,19 @@ def teacher_answers(recipe: Recipe, pair: Pair, n_prompts: int) -> tuple[list[Ex
     assert recipe.data.generate is not None
     cfg = recipe.data.generate.model_copy(update={"max_new_tokens": 64})
     log(f"{rel} not found: the teacher answers {len(prompts)} prompts (max_new_tokens 64)")
-    out = generate_completions(pair.teacher, pair.tokenizer, prompts, cfg, system_prompt=recipe.data.system_prompt)
-    write_jsonl_atomic(own, [{**row, "finished": ex.finished} for row, ex in zip(chat_rows(out), out, strict=True)])
+    out = generate_completions(
+        pair.teacher, pair.tokenizer, prompts, cfg, system_prompt=recipe.data.system_prompt
+    )
+    write_jsonl_atomic(
+        own, [{**row, "finished": ex.finished} for row, ex in zip(chat_rows(out), out, strict=True)]
+    )
     return out, f"{len(out)} quickstart prompts answered by the teacher now (saved to {own})"
 
 
 def chat_rows(examples: list[Example]) -> list[dict[str, Any]]:
-    return [{"messages": [*ex.prompt, {"role": "assistant", "content": ex.completion or ""}]} for ex in examples]
+    return [
+        {"messages": [*ex.prompt, {"role": "assistant", "content": ex.completion or ""}]} for ex in examples
+    ]
 
 
 def _example_targets(ex: TokenizedExample) -> list[int]:
@@ -245,13 +255,21 @@ KD_KINDS = {"kd_forward_kl": "forward_kl", "kd_jsd": "jsd"}
 STEP_KINDS = ("kd_forward_kl", "kd_jsd", "ce_teacher", "hf_ce_teacher")
 
 
-def make_step(kind: str, pair: Pair, student: PreTrainedModel, opt: torch.optim.Optimizer, acc: Accelerator,
-              chunk_size: int) -> StepFn:
+def make_step(
+    kind: str,
+    pair: Pair,
+    student: PreTrainedModel,
+    opt: torch.optim.Optimizer,
+    acc: Accelerator,
+    chunk_size: int,
+) -> StepFn:
     """One optimizer step of `kind` on `student` (shared teacher, shared optimizer)."""
     live = LiveTeacher(pair.teacher, pair.vocab)
 
     def engine_step(method: Method, teacher: LiveTeacher | None, batch: Batch) -> None:
-        accumulate_gradients(acc, student, method, [batch], teacher, chunk_size=chunk_size, vocab_size=pair.vocab)
+        accumulate_gradients(
+            acc, student, method, [batch], teacher, chunk_size=chunk_size, vocab_size=pair.vocab
+        )
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -273,7 +291,9 @@ def make_step(kind: str, pair: Pair, student: PreTrainedModel, opt: torch.optim.
     if kind == "hf_ce_teacher":
 
         def hf_ce_teacher(batch: Batch) -> None:
-            out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=hf_labels(batch))
+            out = student(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=hf_labels(batch)
+            )
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -293,8 +313,9 @@ class StepTimes:
     cpu: dict[str, list[float]]
 
 
-def measure_step_times(pair: Pair, batches: list[Batch], acc: Accelerator, reps: int, steps: int,
-                       chunk_size: int) -> StepTimes:
+def measure_step_times(
+    pair: Pair, batches: list[Batch], acc: Accelerator, reps: int, steps: int, chunk_size: int
+) -> StepTimes:
     """Seconds per optimizer step of every variant, one value per repetition (mean over `steps` steps).
 
     Variants share one student and optimizer (updates do not change the cost) and are interleaved step
@@ -309,7 +330,7 @@ def measure_step_times(pair: Pair, batches: list[Batch], acc: Accelerator, reps:
     out = StepTimes(wall={k: [] for k in fns}, cpu={k: [] for k in fns})
     for rep in range(reps):
         names = list(fns)
-        names = names[rep % len(names):] + names[: rep % len(names)]
+        names = names[rep % len(names) :] + names[: rep % len(names)]
         wall = dict.fromkeys(names, 0.0)
         cpu = dict.fromkeys(names, 0.0)
         for i in range(steps):
@@ -324,8 +345,10 @@ def measure_step_times(pair: Pair, batches: list[Batch], acc: Accelerator, reps:
         for name in names:
             out.wall[name].append(wall[name] / steps)
             out.cpu[name].append(cpu[name] / steps)
-        log(f"step times rep {rep + 1}/{reps} (wall | cpu): "
-            + ", ".join(f"{n} {out.wall[n][-1]:.2f}s | {out.cpu[n][-1]:.2f}s" for n in fns))
+        log(
+            f"step times rep {rep + 1}/{reps} (wall | cpu): "
+            + ", ".join(f"{n} {out.wall[n][-1]:.2f}s | {out.cpu[n][-1]:.2f}s" for n in fns)
+        )
     return out
 
 
@@ -385,23 +408,59 @@ class StampProgress:
         pass
 
 
-def run_distill_loop(pair: Pair, examples: list[TokenizedExample], acc: Accelerator, steps: int, warmup: int,
-                     batch_size: int, max_length: int) -> LoopRun:
+def run_distill_loop(
+    pair: Pair,
+    examples: list[TokenizedExample],
+    acc: Accelerator,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    max_length: int,
+    chunk_size: int,
+) -> LoopRun:
     """The engine's own loop (clip, AdamW, schedule, metrics.jsonl) with logit_kd forward KL."""
     recipe = pair.recipe
-    stream = BatchStream(examples, batch_size, int(pair.tokenizer.pad_token_id or 0), seed=recipe.seed,
-                         group_by_length=True, packing=False, max_length=max_length)
-    cfg = recipe.train.model_copy(update={"steps": warmup + steps, "checkpoint_every": 0, "tensorboard": False})
+    stream = BatchStream(
+        examples,
+        batch_size,
+        int(pair.tokenizer.pad_token_id or 0),
+        seed=recipe.seed,
+        group_by_length=True,
+        packing=False,
+        max_length=max_length,
+    )
+    cfg = recipe.train.model_copy(
+        update={
+            "steps": warmup + steps,
+            "checkpoint_every": 0,
+            "tensorboard": False,
+            "chunk_size": chunk_size,
+        }
+    )
     method = LogitKD(LogitKDConfig(divergence="forward_kl"))
     progress = StampProgress()
     with tempfile.TemporaryDirectory(prefix="kd_step_loop_") as tmp:
-        result = train(student=copy.deepcopy(pair.student), method=method, stream=stream,
-                       teacher=LiveTeacher(pair.teacher, pair.vocab), cfg=cfg, out_dir=Path(tmp),
-                       vocab_size=pair.vocab, seed=recipe.seed, progress=progress, accelerator=acc)
+        result = train(
+            student=copy.deepcopy(pair.student),
+            method=method,
+            stream=stream,
+            teacher=LiveTeacher(pair.teacher, pair.vocab),
+            cfg=cfg,
+            out_dir=Path(tmp),
+            vocab_size=pair.vocab,
+            seed=recipe.seed,
+            progress=progress,
+            accelerator=acc,
+        )
     timed = result.history[warmup:]
     (w0, c0), (w1, c1) = progress.stamps[warmup], progress.stamps[-1]
-    return LoopRun(seconds=w1 - w0, cpu_seconds=c1 - c0, real_tokens=sum(h["real_tokens"] for h in timed),
-                   slots=sum(h["padded_slots"] for h in timed), steps=len(timed))
+    return LoopRun(
+        seconds=w1 - w0,
+        cpu_seconds=c1 - c0,
+        real_tokens=sum(h["real_tokens"] for h in timed),
+        slots=sum(h["padded_slots"] for h in timed),
+        steps=len(timed),
+    )
 
 
 class CountingCollator:
@@ -420,8 +479,9 @@ class CountingCollator:
         return out
 
 
-def make_trl_trainer(pair: Pair, rows: list[dict[str, Any]], steps: int, batch_size: int, max_length: int,
-                     out_dir: str) -> tuple[Any, CountingCollator, list[tuple[float, float]]]:
+def make_trl_trainer(
+    pair: Pair, rows: list[dict[str, Any]], steps: int, batch_size: int, max_length: int, out_dir: str
+) -> tuple[Any, CountingCollator, list[tuple[float, float]]]:
     """TRL's GKDTrainer: lmbda=0 (no student generation), beta=0 (TRL: exactly forward KL), same student
     init, teacher, optimizer settings (AdamW, lr, clip) as the quickstart; no eval, no saving, no logging."""
     from datasets import Dataset
@@ -439,22 +499,46 @@ def make_trl_trainer(pair: Pair, rows: list[dict[str, Any]], steps: int, batch_s
 
     train_cfg = pair.recipe.train
     args = gkd_config(
-        output_dir=out_dir, per_device_train_batch_size=batch_size, max_length=max_length, lmbda=0.0, beta=0.0,
-        max_steps=steps, learning_rate=train_cfg.lr, lr_scheduler_type="constant", max_grad_norm=train_cfg.max_grad_norm,
-        weight_decay=train_cfg.weight_decay, gradient_accumulation_steps=1, logging_strategy="no", save_strategy="no",
-        eval_strategy="no", report_to="none", use_cpu=pair.device.type == "cpu", disable_tqdm=True,
-        dataloader_num_workers=0, dataloader_pin_memory=False, seed=pair.recipe.seed, bf16=False, fp16=False,
+        output_dir=out_dir,
+        per_device_train_batch_size=batch_size,
+        max_length=max_length,
+        lmbda=0.0,
+        beta=0.0,
+        max_steps=steps,
+        learning_rate=train_cfg.lr,
+        lr_scheduler_type="constant",
+        max_grad_norm=train_cfg.max_grad_norm,
+        weight_decay=train_cfg.weight_decay,
+        gradient_accumulation_steps=1,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        use_cpu=pair.device.type == "cpu",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        seed=pair.recipe.seed,
+        bf16=False,
+        fp16=False,
     )
-    trainer = gkd_trainer(model=copy.deepcopy(pair.student), teacher_model=pair.teacher, args=args,
-                          train_dataset=Dataset.from_list(rows), processing_class=pair.tokenizer, callbacks=[Stamp()])
+    trainer = gkd_trainer(
+        model=copy.deepcopy(pair.student),
+        teacher_model=pair.teacher,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=pair.tokenizer,
+        callbacks=[Stamp()],
+    )
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     trainer.remove_callback(PrinterCallback)  # it prints the end-of-training metrics dict
     return trainer, counter, stamps
 
 
-def run_trl_loop(pair: Pair, rows: list[dict[str, Any]], steps: int, warmup: int, batch_size: int,
-                 max_length: int) -> LoopRun:
+def run_trl_loop(
+    pair: Pair, rows: list[dict[str, Any]], steps: int, warmup: int, batch_size: int, max_length: int
+) -> LoopRun:
     with tempfile.TemporaryDirectory(prefix="kd_step_trl_") as tmp, _quiet():
         trainer, counter, stamps = make_trl_trainer(pair, rows, warmup + steps, batch_size, max_length, tmp)
         trainer.train()
@@ -462,8 +546,13 @@ def run_trl_loop(pair: Pair, rows: list[dict[str, Any]], steps: int, warmup: int
     n = len(stamps) - 1
     timed = range(warmup, n)
     (w0, c0), (w1, c1) = stamps[warmup], stamps[n]
-    return LoopRun(seconds=w1 - w0, cpu_seconds=c1 - c0, real_tokens=sum(counter.real[i] for i in timed),
-                   slots=sum(counter.slots[i] for i in timed), steps=len(timed))
+    return LoopRun(
+        seconds=w1 - w0,
+        cpu_seconds=c1 - c0,
+        real_tokens=sum(counter.real[i] for i in timed),
+        slots=sum(counter.slots[i] for i in timed),
+        steps=len(timed),
+    )
 
 
 @contextlib.contextmanager
@@ -475,11 +564,22 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def measure_loops(pair: Pair, examples: list[TokenizedExample], rows: list[dict[str, Any]] | None, acc: Accelerator,
-                  reps: int, steps: int, batch_size: int, max_length: int) -> dict[str, list[LoopRun]]:
+def measure_loops(
+    pair: Pair,
+    examples: list[TokenizedExample],
+    rows: list[dict[str, Any]] | None,
+    acc: Accelerator,
+    reps: int,
+    steps: int,
+    batch_size: int,
+    max_length: int,
+    chunk_size: int,
+) -> dict[str, list[LoopRun]]:
     """distill's loop and (if given rows) TRL's, alternating within every repetition."""
     runners: dict[str, Callable[[], LoopRun]] = {
-        "distill": lambda: run_distill_loop(pair, examples, acc, steps, 1, batch_size, max_length),
+        "distill": lambda: run_distill_loop(
+            pair, examples, acc, steps, 1, batch_size, max_length, chunk_size
+        ),
     }
     if rows is not None:
         runners["trl"] = lambda: run_trl_loop(pair, rows, steps, 1, batch_size, max_length)
@@ -489,9 +589,14 @@ def measure_loops(pair: Pair, examples: list[TokenizedExample], rows: list[dict[
         for name in names:
             out[name].append(runners[name]())
             gc.collect()
-        log(f"loops rep {rep + 1}/{reps}: " + ", ".join(
-            f"{n} {out[n][-1].tokens_per_s:.0f} tok/s, {out[n][-1].tokens_per_cpu_s:.0f} tok/cpu-s "
-            f"({out[n][-1].step_s:.2f} s/step)" for n in runners))
+        log(
+            f"loops rep {rep + 1}/{reps}: "
+            + ", ".join(
+                f"{n} {out[n][-1].tokens_per_s:.0f} tok/s, {out[n][-1].tokens_per_cpu_s:.0f} tok/cpu-s "
+                f"({out[n][-1].step_s:.2f} s/step)"
+                for n in runners
+            )
+        )
     return out
 
 
@@ -522,9 +627,13 @@ def memory_worker(kind: str, workdir: Path, chunk_size: int) -> dict[str, Any]:
     pair = build_pair(recipe, teacher, AutoTokenizer.from_pretrained(str(workdir / "teacher")), device)
     saved = torch.load(workdir / "batch.pt")
     bsz, length = saved["input_ids"].shape
-    batch = Batch(input_ids=saved["input_ids"], attention_mask=torch.ones(bsz, length, dtype=torch.long),
-                  position_ids=torch.arange(length).expand(bsz, length).clone(), targets=saved["targets"],
-                  num_real_tokens=bsz * length).to(device)
+    batch = Batch(
+        input_ids=saved["input_ids"],
+        attention_mask=torch.ones(bsz, length, dtype=torch.long),
+        position_ids=torch.arange(length).expand(bsz, length).clone(),
+        targets=saved["targets"],
+        num_real_tokens=bsz * length,
+    ).to(device)
     if kind == "trl":
         run = _trl_memory_run(pair, batch, workdir)
     else:
@@ -558,16 +667,21 @@ def _trl_memory_run(pair: Pair, batch: Batch, workdir: Path) -> Callable[[], Non
     rows = []
     for ids, tg in zip(batch.input_ids.tolist(), batch.targets.tolist(), strict=True):
         first = next((i for i, t in enumerate(tg) if t != IGNORE), len(tg) - 1) + 1
-        rows.append({"prompt": "", "input_ids": ids, "completion_mask": [0] * first + [1] * (len(ids) - first)})
-    trainer, _, _ = make_trl_trainer(pair, rows, MEMORY_STEPS, len(rows), len(rows[0]["input_ids"]), str(workdir / "trl"))
+        rows.append(
+            {"prompt": "", "input_ids": ids, "completion_mask": [0] * first + [1] * (len(ids) - first)}
+        )
+    trainer, _, _ = make_trl_trainer(
+        pair, rows, MEMORY_STEPS, len(rows), len(rows[0]["input_ids"]), str(workdir / "trl")
+    )
     return lambda: trainer.train()
 
 
 MemoryRises = dict[str, list[int]]  # kind -> bytes, one per repetition it ran in
 
 
-def measure_memory(pair: Pair, batch: Batch, kinds: list[str], reps: int, chunk_size: int,
-                   threads: int | None) -> MemoryRises:
+def measure_memory(
+    pair: Pair, batch: Batch, kinds: list[str], reps: int, chunk_size: int, threads: int | None
+) -> MemoryRises:
     """Peak-memory rise of every kind, each run in a fresh subprocess. The kinds with a target (CE + teacher,
     KD) run in every repetition; the others (HF, TRL: information only) in the first, to save time."""
     out: MemoryRises = {k: [] for k in kinds}
@@ -582,7 +696,16 @@ def measure_memory(pair: Pair, batch: Batch, kinds: list[str], reps: int, chunk_
 
 
 def _memory_subprocess(kind: str, workdir: str, chunk_size: int, threads: int | None) -> int | None:
-    cmd = [sys.executable, __file__, "--_memory-worker", kind, "--_workdir", workdir, "--chunk-size", str(chunk_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_memory-worker",
+        kind,
+        "--_workdir",
+        workdir,
+        "--chunk-size",
+        str(chunk_size),
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -592,8 +715,10 @@ def _memory_subprocess(kind: str, workdir: str, chunk_size: int, threads: int | 
         log(f"memory {kind}: worker failed ({tail})")
         return None
     res = json.loads(lines[-1])
-    log(f"memory {kind}: pre {res['pre'] / 2**20:.0f} MiB, peak {res['peak'] / 2**20:.0f} MiB, "
-        f"rise {res['rise'] / 2**20:.0f} MiB [{res['how']}]")
+    log(
+        f"memory {kind}: pre {res['pre'] / 2**20:.0f} MiB, peak {res['peak'] / 2**20:.0f} MiB, "
+        f"rise {res['rise'] / 2**20:.0f} MiB [{res['how']}]"
+    )
     return int(res["rise"])
 
 
@@ -655,8 +780,12 @@ def memory_rows(pair: Pair, mem: MemoryRises) -> list[Row]:
         r = ratio([float(x) for x in mem[k][:n]], base)
         rows.append(Row(f"mem rise KD {label} / (a) CE+teacher", r.fmt(3), "<= 1.25", r.median <= 1.25))
         if min(base) > state:
-            rows.append(Row("  same, minus grads+AdamW state", ratio([x - state for x in mem[k][:n]],
-                                                                    [x - state for x in base]).fmt(3)))
+            rows.append(
+                Row(
+                    "  same, minus grads+AdamW state",
+                    ratio([x - state for x in mem[k][:n]], [x - state for x in base]).fmt(3),
+                )
+            )
     rows += [Row(f"mem rise MiB: {k}", Spread([x / 2**20 for x in v]).fmt(0)) for k, v in mem.items()]
     if "trl" in mem and "kd_forward_kl" in mem:
         trl = statistics.median(mem["trl"]) / statistics.median(mem["kd_forward_kl"])
@@ -681,22 +810,29 @@ def loop_rows(loops: dict[str, list[LoopRun]], trl_skipped: str | None) -> list[
         Row("TRL GKD (beta=0: fwd KL) real tok/s", Spread([r.tokens_per_s for r in t]).fmt(0)),
         Row("TRL GKD s/step | padding", f"{Spread([r.step_s for r in t]).fmt(unit='s')} | {padding(t)}"),
         Row("distill tok/s / TRL tok/s", speedup.fmt(2), ">= 2.5", speedup.median >= 2.5),
-        Row("  same, by process CPU time",
-            ratio([r.tokens_per_cpu_s for r in d], [r.tokens_per_cpu_s for r in t]).fmt(2)),
+        Row(
+            "  same, by process CPU time",
+            ratio([r.tokens_per_cpu_s for r in d], [r.tokens_per_cpu_s for r in t]).fmt(2),
+        ),
     ]
     return rows
 
 
-def summary_rows(pair: Pair, times: StepTimes, loops: dict[str, list[LoopRun]], mem: MemoryRises,
-                 trl_skipped: str | None) -> list[Row]:
+def summary_rows(
+    pair: Pair, times: StepTimes, loops: dict[str, list[LoopRun]], mem: MemoryRises, trl_skipped: str | None
+) -> list[Row]:
     return step_rows(times) + loop_rows(loops, trl_skipped) + memory_rows(pair, mem)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")
-    p.add_argument("--steps", type=int, default=6, help="timed training-loop steps per repetition (default 6)")
-    p.add_argument("--step-steps", type=int, default=2, help="timed steps per variant and repetition for part 1")
+    p.add_argument(
+        "--steps", type=int, default=6, help="timed training-loop steps per repetition (default 6)"
+    )
+    p.add_argument(
+        "--step-steps", type=int, default=2, help="timed steps per variant and repetition for part 1"
+    )
     p.add_argument("--no-trl", action="store_true", help="skip TRL's GKD trainer")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--batch-size", type=int, default=4)
@@ -727,8 +863,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenized, _ = tokenize_examples(pair.tokenizer, answers, args.length, recipe.data.system_prompt)
     batches = [b.to(device) for b in fixed_batches(tokenized, args.batch_size, args.length, FIXED_BATCHES)]
     loss_frac = sum(b.num_loss_tokens for b in batches) / sum(b.num_slots for b in batches)
-    log(f"data: {len(tokenized)} examples from {source}; fixed batches {args.batch_size}x{args.length}, "
-        f"{loss_frac:.0%} of positions carry loss; vocab {pair.vocab}")
+    log(
+        f"data: {len(tokenized)} examples from {source}; fixed batches {args.batch_size}x{args.length}, "
+        f"{loss_frac:.0%} of positions carry loss; vocab {pair.vocab}"
+    )
     use_trl, trl_note = (False, "--no-trl") if args.no_trl else trl_available()
     log(f"TRL: {trl_note}" if use_trl else f"TRL skipped: {trl_note}")
 
@@ -738,14 +876,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = chat_rows(answers) if use_trl else None
     loops: dict[str, list[LoopRun]] = {}
     try:
-        loops = measure_loops(pair, tokenized, rows, acc, args.reps, args.steps, args.batch_size, args.length)
+        loops = measure_loops(
+            pair, tokenized, rows, acc, args.reps, args.steps, args.batch_size, args.length, args.chunk_size
+        )
     except Exception as err:  # TRL is a moving target: report and go on with distill alone
         if rows is None:
             raise
         trl_note = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
         log(f"TRL could not run: {trl_note}")
         use_trl = False
-        loops = measure_loops(pair, tokenized, None, acc, args.reps, args.steps, args.batch_size, args.length)
+        loops = measure_loops(
+            pair, tokenized, None, acc, args.reps, args.steps, args.batch_size, args.length, args.chunk_size
+        )
     # 3 (+4). memory
     mem: MemoryRises = {}
     if not args.no_memory:
