@@ -29,7 +29,6 @@ Not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -58,22 +57,14 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def read_answers(path: Path) -> list[Example]:
-    out = read_examples(str(path))
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for ex, row in zip(out, rows, strict=True):
-        ex.finished = bool(row.get("finished", True))
-    return out
-
-
 def teacher_answers(recipe, teacher, tok, n_prompts: int) -> tuple[list[Example], str]:  # type: ignore[no-untyped-def]
     rel = recipe.run_dir() / "data" / "train.jsonl"
     for cached in (rel, ROOT / rel):
         if cached.exists():
-            return read_answers(cached), f"{cached} (the quickstart's training answers)"
+            return read_examples(str(cached)), f"{cached} (the quickstart's training answers)"
     own = ROOT / "runs" / "benchmarks" / f"cache_answers_{n_prompts}.jsonl"  # runs/ is git-ignored
     if own.exists():
-        return read_answers(own), f"{own} (this benchmark's earlier teacher answers)"
+        return read_examples(str(own)), f"{own} (this benchmark's earlier teacher answers)"
     prompts = read_examples(recipe.data.train.path)
     step = max(1, len(prompts) // n_prompts)
     prompts = prompts[::step][:n_prompts]  # spread over the file's categories

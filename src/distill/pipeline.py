@@ -56,14 +56,6 @@ def example_row(ex: Example) -> dict[str, Any]:
     return row
 
 
-def _read_generated(path: Path) -> list[Example]:
-    out = read_examples(str(path))
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for ex, row in zip(out, rows, strict=True):
-        ex.finished = bool(row.get("finished", True))
-    return out
-
-
 def teacher_answers(
     recipe: Recipe,
     teacher: TeacherHandle,
@@ -111,7 +103,7 @@ def generated_data(
     path = Path(recipe.data.generate.store) / f"{split}-{fingerprint}.jsonl"
     if path.exists():
         progress.log(f"reusing teacher answers in {path}")
-        return _read_generated(path)
+        return read_examples(str(path))
     done = teacher_answers(recipe, teacher, examples, progress)
     write_jsonl_atomic(path, (example_row(ex) for ex in done))
     return done

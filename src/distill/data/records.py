@@ -32,7 +32,7 @@ def _to_example(row: dict[str, Any], where: str) -> Example:
             raise InputError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
         msgs = [{"role": str(m.get("role", "")), "content": str(m.get("content", ""))} for m in msgs]
         if msgs[-1]["role"] == "assistant":
-            return Example(prompt=msgs[:-1], completion=msgs[-1]["content"])
+            return Example(msgs[:-1], msgs[-1]["content"], finished=bool(row.get("finished", True)))
         return Example(prompt=msgs, completion=None)
     if "prompt" in row:
         prompt = row["prompt"]
