@@ -110,22 +110,18 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def shared_vocab_size(teacher: LoadedModel, student: PreTrainedModel, student_tok: PreTrainedTokenizerBase) -> int:
-    """Check that teacher and student speak the same vocabulary; return the size both heads share.
-
-    Heads padded to different sizes over the same tokenizer (151936 vs 152064) are fine: logits are sliced
-    to the real vocabulary. Different tokenizers are rejected.
-    """
-    return shared_vocab(teacher.tokenizer, teacher.model, student, student_tok)
-
-
 def shared_vocab(
     teacher_tok: PreTrainedTokenizerBase,
     teacher_model: PreTrainedModel | None,
     student: PreTrainedModel,
     student_tok: PreTrainedTokenizerBase,
 ) -> int:
-    """As `shared_vocab_size`, for a teacher whose weights may not be here (served or cached)."""
+    """Check that teacher and student speak the same vocabulary; return the size both use.
+
+    Heads padded to different sizes over the same tokenizer (151936 vs 152064) are fine: logits are sliced
+    to the real vocabulary. Different tokenizers are rejected. `teacher_model` may be None for a served
+    or cached teacher whose weights are not here.
+    """
     if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
         raise CompatibilityError(
             "teacher and student tokenizers differ (vocabulary content mismatch): logit distillation needs "
