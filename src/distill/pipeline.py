@@ -36,7 +36,7 @@ from distill.methods import METHODS
 from distill.models.loading import load_tokenizer, save_student, shared_vocab
 from distill.models.student import build_student
 from distill.recipe import GenerateConfig, Recipe, dump_recipe, preflight
-from distill.teachers.factory import TeacherHandle, open_teacher
+from distill.teachers.factory import TeacherHandle, open_teacher, teacher_ident
 from distill.teachers.served import ServedTeacherSource
 
 
@@ -81,11 +81,9 @@ def teacher_answers(
     )
 
 
-def generated_data(
-    recipe: Recipe, teacher: TeacherHandle, split: str, examples: list[Example], progress: Progress
-) -> list[Example]:
-    """Teacher answers for `examples`, stored under data.generate.store keyed by a fingerprint of what
-    made them, so every run (and `distill cache`) with the same prompts, teacher and settings shares them."""
+def generated_path(recipe: Recipe, teacher_ident: str, split: str, examples: list[Example]) -> Path:
+    """Where the teacher's answers to `examples` are stored: under data.generate.store, keyed by a
+    fingerprint of what made them (prompts, generation settings, system prompt, teacher, seed)."""
     assert recipe.data.generate is not None
     gen = recipe.data.generate.model_dump()
     gen.pop("store")
@@ -94,13 +92,30 @@ def generated_data(
             "prompts": [ex.prompt for ex in examples],
             "generate": gen,
             "system_prompt": recipe.data.system_prompt,
-            "teacher": teacher.ident,
+            "teacher": teacher_ident,
             "seed": recipe.seed,
         },
         sort_keys=True,
     )
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = Path(recipe.data.generate.store) / f"{split}-{fingerprint}.jsonl"
+    return Path(recipe.data.generate.store) / f"{split}-{fingerprint}.jsonl"
+
+
+def stored_train_answers(recipe: Recipe) -> Path | None:
+    """The stored teacher answers to the recipe's training prompts, if a run has made them (benchmarks)."""
+    if recipe.data.generate is None or recipe.teacher is None:
+        return None
+    prompts = read_examples(recipe.data.train.path, recipe.data.train.limit)
+    path = generated_path(recipe, teacher_ident(recipe.teacher), "train", prompts)
+    return path if path.exists() else None
+
+
+def generated_data(
+    recipe: Recipe, teacher: TeacherHandle, split: str, examples: list[Example], progress: Progress
+) -> list[Example]:
+    """Teacher answers for `examples`, stored under data.generate.store keyed by a fingerprint of what
+    made them, so every run (and `distill cache`) with the same prompts, teacher and settings shares them."""
+    path = generated_path(recipe, teacher.ident, split, examples)
     if path.exists():
         progress.log(f"reusing teacher answers in {path}")
         return read_examples(str(path))

@@ -39,6 +39,7 @@ class LiveTeacher(Strict):
 
     kind: Literal["live"] = "live"
     model: ModelSource
+    prefix_cache: bool = True  # compute the prompt prefix every row shares once (teachers/prefix_cache.py)
 
 
 class ServedTeacher(Strict):

@@ -63,6 +63,25 @@ def test_chunked_equals_reference(name: str, chunk_size: int) -> None:
     assert set(chunked[1]) == {"kd", "ce"}
 
 
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
+def test_fresh_teacher_chunks_may_be_overwritten(name: str, ce_weight: float) -> None:
+    """With teacher_logits_fresh the loss overwrites each chunk it is given: same results as the reference."""
+    prob = _problem(3)
+    teacher = prob["teacher"]
+    kwargs: dict[str, Any] = {"spec": DivergenceSpec(name, temperature=1.3), "ce_weight": ce_weight, "normalizer": 4.0}
+    chunked = _run(
+        chunked_head_loss,
+        prob,
+        chunk_size=5,
+        teacher_logits=lambda s, e: teacher[s:e].clone(),  # a new tensor per call
+        teacher_logits_fresh=True,
+        **kwargs,
+    )
+    reference = _run(reference_head_loss, prob, **kwargs)
+    _assert_same(chunked, reference)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -198,6 +198,19 @@ def test_inputs_are_not_modified() -> None:
     assert torch.equal(z, z0) and torch.equal(y, y0)
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=_id)
+@pytest.mark.parametrize("reuse", [(True, False), (False, True), (True, True)], ids=["s", "t", "st"])
+def test_handing_over_storage_changes_nothing_but_the_inputs(spec: DivergenceSpec, reuse: tuple[bool, bool]) -> None:
+    """reuse_student/reuse_teacher compute in the given buffers: same values and gradient as copies."""
+    z, y = _pair(8)
+    y[1, 3] = -INF
+    expected = divergence_value_and_grad(z, y, spec)
+    zc, yc = z.clone(), y.clone()
+    got = divergence_value_and_grad(zc, yc, spec, reuse_student=reuse[0], reuse_teacher=reuse[1])
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(zc, z) != reuse[0] and torch.equal(yc, y) != reuse[1]  # the handed-over ones change
+
+
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="same"):
         divergence_per_token(torch.zeros(2, 5), torch.zeros(2, 6), DivergenceSpec())

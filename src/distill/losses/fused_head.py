@@ -107,6 +107,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         normalizer: float,
         chunk_size: int,
         grad_enabled: bool,
+        teacher_fresh: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         n, vocab = hidden.shape[0], weight.shape[0]
         cdtype = _compute_dtype(hidden.dtype, weight.dtype)
@@ -125,12 +126,26 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h = hidden[start:end].detach().to(mm_dtype)
-            logits = (h @ w.T).to(cdtype)
+            logits = (h @ w.T).to(cdtype)  # this chunk's own buffer: the divergence may overwrite it
             grad: Tensor | None = None
+            ce_probs: Tensor | None = None
+            if labels is not None:  # before the divergence, which consumes `logits`
+                rows = labels[start:end].unsqueeze(1)
+                if ce_weight != 0:
+                    log_probs = torch.log_softmax(logits, -1)
+                    ce_sum -= log_probs.gather(1, rows).sum()
+                    ce_probs = log_probs.exp_()  # d CE / d z = softmax(z) - onehot(label)
+                    del log_probs
+                else:  # the value only: no (rows, V) buffer survives
+                    ce_sum -= (logits.gather(1, rows) - torch.logsumexp(logits, -1, keepdim=True)).sum()
             if teacher_logits is not None or teacher_topk is not None:
                 if teacher_logits is not None:
                     values, kd_grad = divergence_value_and_grad(
-                        logits, _teacher_chunk(teacher_logits, start, end, vocab), spec
+                        logits,
+                        _teacher_chunk(teacher_logits, start, end, vocab),
+                        spec,
+                        reuse_student=True,
+                        reuse_teacher=teacher_fresh,
                     )
                 else:
                     assert teacher_topk is not None
@@ -139,19 +154,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 if kd_weight != 0:
                     grad = kd_grad.mul_(kd_scale)
                 del kd_grad
-            if labels is not None:
-                rows = labels[start:end].unsqueeze(1)
-                log_probs = torch.log_softmax(logits, -1)
-                ce_sum -= log_probs.gather(1, rows).sum()
-                if ce_weight != 0:
-                    probs = log_probs.exp_()  # d CE / d z = softmax(z) - onehot(label)
-                    if grad is None:
-                        grad = probs.mul_(ce_scale)
-                    else:
-                        grad.add_(probs, alpha=ce_scale)
-                    grad.scatter_add_(1, rows, grad.new_full(rows.shape, -ce_scale))
-                del log_probs
             del logits
+            if ce_probs is not None:
+                assert labels is not None
+                rows = labels[start:end].unsqueeze(1)
+                grad = ce_probs.mul_(ce_scale) if grad is None else grad.add_(ce_probs, alpha=ce_scale)
+                grad.scatter_add_(1, rows, grad.new_full(rows.shape, -ce_scale))
+                del ce_probs
             if grad is None:  # both weights zero: the loss is a constant of this chunk
                 if grad_h is not None:
                     grad_h[start:end].zero_()
@@ -177,7 +186,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         dh = None if grad_h is None else (grad_h * grad_loss).to(h_dtype)
         dw = None if grad_w is None else (grad_w * grad_loss).to(w_dtype)
-        return dh, dw, None, None, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None, None, None
 
 
 def chunked_head_loss(
@@ -192,6 +201,7 @@ def chunked_head_loss(
     ce_weight: float = 0.0,
     normalizer: float,
     chunk_size: int = 1024,
+    teacher_logits_fresh: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``(kd_weight * sum D + ce_weight * sum CE) / normalizer`` through the LM head, chunk by chunk.
 
@@ -204,6 +214,8 @@ def chunked_head_loss(
     Returns the scalar loss (differentiable w.r.t. ``hidden`` and ``weight``) and the detached parts
     ``{"kd": sum D / normalizer, "ce": sum CE / normalizer}`` for the terms that were given inputs.
     Logits are computed in the inputs' dtype and upcast to float32 (float64 stays float64).
+    ``teacher_logits_fresh``: ``teacher_logits`` returns a new tensor on every call, which may then be
+    overwritten (one (chunk, V) buffer less; see ``TeacherSignal.fresh``).
     """
     spec = spec if spec is not None else DivergenceSpec()
     normalizer = float(normalizer)
@@ -226,6 +238,7 @@ def chunked_head_loss(
             normalizer,
             chunk_size,
             torch.is_grad_enabled(),
+            teacher_logits_fresh,
         )
     parts = {}
     if has_teacher:

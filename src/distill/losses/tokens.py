@@ -234,34 +234,83 @@ def _tvd(q: Tensor, p: Tensor, t: float) -> tuple[Tensor, Tensor]:
     return value, _softmax_grad_(qg, q, 0.5 * t)
 
 
+def _owned(x: Tensor, dtype: torch.dtype, reuse: bool) -> bool:
+    """Whether ``x``'s own storage may hold the result (the caller handed it over, dtype already right)."""
+    return reuse and x.dtype == dtype
+
+
+def _log_probs(x: Tensor, t: float, dtype: torch.dtype, reuse: bool) -> Tensor:
+    """``log_softmax(x / T)``; in ``x``'s storage when handed over (no lasting new buffer)."""
+    if not _owned(x, dtype, reuse):
+        return _log_softmax(x, t, dtype)
+    if t != 1.0:
+        x.div_(t)
+    if x.device.type == "cpu":  # ATen's CPU kernel reads a row before writing it: aliasing is exact (tested)
+        return torch._log_softmax(x, -1, False, out=x)
+    return x.sub_(torch.logsumexp(x, -1, keepdim=True))
+
+
+def _probs(x: Tensor, t: float, dtype: torch.dtype, reuse: bool) -> Tensor:
+    """``softmax(x / T)``; in ``x``'s storage when handed over."""
+    if not _owned(x, dtype, reuse):
+        return _softmax(x, t, dtype)
+    if t != 1.0:
+        x.div_(t)
+    e = x.sub_(x.amax(-1, keepdim=True)).exp_()
+    return e.div_(e.sum(-1, keepdim=True))
+
+
+def _log_probs_and_probs(x: Tensor, t: float, dtype: torch.dtype, reuse: bool) -> tuple[Tensor, Tensor]:
+    """``(log_softmax(x / T), softmax(x / T))``: one new buffer when ``x`` is handed over, else two."""
+    if not _owned(x, dtype, reuse):
+        return _log_softmax_and_softmax(x, t, dtype)
+    if t != 1.0:
+        x.div_(t)
+    x.sub_(x.amax(-1, keepdim=True))
+    probs = x.exp()
+    total = probs.sum(-1, keepdim=True)
+    return x.sub_(total.log()), probs.div_(total)
+
+
 @torch.no_grad()
 def divergence_value_and_grad(
-    student_logits: Tensor, teacher_logits: Tensor, spec: DivergenceSpec
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    spec: DivergenceSpec,
+    *,
+    reuse_student: bool = False,
+    reuse_teacher: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-row values ``(N,)`` and ``d(sum of values)/d(student_logits)`` ``(N, V)`` in one pass.
 
     Same maths as :func:`divergence_per_token`, with the gradient written out by hand so that no
     autograd graph (and none of its saved ``(N, V)`` intermediates) exists. Arithmetic and the returned
     tensors are float32 whatever the input dtype (float64 inputs stay float64, for tests).
+
+    ``reuse_student`` / ``reuse_teacher`` hand that tensor's storage over: it is overwritten (and may be
+    the returned gradient), saving one ``(N, V)`` buffer each. On CPU the step cost of a chunk is mostly
+    allocating and sweeping such buffers, so this is worth a flag. Only for float32/64 inputs the
+    caller will not read again.
     """
     dtype = _check_pair(student_logits, teacher_logits)
     z, y, t = student_logits.detach(), teacher_logits.detach(), spec.temperature
+    rz, ry = reuse_student, reuse_teacher
     name = _effective_name(spec)
     if name == "forward_kl":
-        value, grad = _forward_kl(_log_softmax(z, t, dtype), *_log_softmax_and_softmax(y, t, dtype), t)
+        value, grad = _forward_kl(_log_probs(z, t, dtype, rz), *_log_probs_and_probs(y, t, dtype, ry), t)
     elif name == "reverse_kl":
-        value, grad = _reverse_kl(*_log_softmax_and_softmax(z, t, dtype), _log_softmax(y, t, dtype), t)
+        value, grad = _reverse_kl(*_log_probs_and_probs(z, t, dtype, rz), _log_probs(y, t, dtype, ry), t)
     elif name == "jsd":
-        log_q, q = _log_softmax_and_softmax(z, t, dtype)
-        value, grad = _jsd(log_q, q, *_log_softmax_and_softmax(y, t, dtype), t, spec.beta)
+        log_q, q = _log_probs_and_probs(z, t, dtype, rz)
+        value, grad = _jsd(log_q, q, *_log_probs_and_probs(y, t, dtype, ry), t, spec.beta)
     elif name == "skew_forward_kl":
-        q = _softmax(z, t, dtype)
-        value, grad = _skew_forward_kl(q, *_log_softmax_and_softmax(y, t, dtype), t, spec.alpha)
+        q = _probs(z, t, dtype, rz)
+        value, grad = _skew_forward_kl(q, *_log_probs_and_probs(y, t, dtype, ry), t, spec.alpha)
     elif name == "skew_reverse_kl":
-        log_q, q = _log_softmax_and_softmax(z, t, dtype)
-        value, grad = _skew_reverse_kl(log_q, q, _softmax(y, t, dtype), t, spec.alpha)
+        log_q, q = _log_probs_and_probs(z, t, dtype, rz)
+        value, grad = _skew_reverse_kl(log_q, q, _probs(y, t, dtype, ry), t, spec.alpha)
     elif name == "tvd":
-        value, grad = _tvd(_softmax(z, t, dtype), _softmax(y, t, dtype), t)
+        value, grad = _tvd(_probs(z, t, dtype, rz), _probs(y, t, dtype, ry), t)
     else:  # pragma: no cover - DivergenceSpec validates the name
         raise ValueError(f"name: unknown divergence {name!r}")
     return value.squeeze(-1).mul_(t * t), grad

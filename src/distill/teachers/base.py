@@ -26,6 +26,7 @@ class TeacherSignal:
     logits: TeacherLogitsFn
     num_rows: int
     vocab_size: int
+    fresh: bool = False  # logits() returns a new tensor per call that the consumer may overwrite
 
 
 @dataclass

@@ -24,17 +24,18 @@ class TeacherHandle:
     tokenizer: PreTrainedTokenizerBase
     model: PreTrainedModel | None
     remote: TeacherSource | None  # the served or cached source; None for a live teacher
+    prefix_cache: bool = True  # a local model reuses the batch's shared prompt prefix
 
     def source(self, vocab_size: int) -> TeacherSource:
         """The signal source training uses."""
         if self.remote is not None:
             return self.remote
         assert self.model is not None
-        return LiveTeacherSource(self.model, vocab_size)
+        return LiveTeacherSource(self.model, vocab_size, prefix_cache=self.prefix_cache)
 
     def exact(self, vocab_size: int) -> LiveTeacherSource | None:
         """The full-distribution teacher for held-out evaluation, when its weights are here."""
-        return LiveTeacherSource(self.model, vocab_size) if self.model is not None else None
+        return LiveTeacherSource(self.model, vocab_size, prefix_cache=self.prefix_cache) if self.model is not None else None
 
     def close(self) -> None:
         if self.remote is not None:
@@ -48,14 +49,20 @@ def _has_weights(folder_path: str, gguf_file: str | None) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
+def teacher_ident(cfg: TeacherConfig) -> str:
+    """What identifies the teacher's local weights ("" when there is no local copy)."""
+    local = local_teacher_source(cfg)
+    return f"{resolve_path(local.path)}/{local.gguf_file or ''}" if local else ""
+
+
 def open_teacher(cfg: TeacherConfig, *, need_weights: bool) -> TeacherHandle:
     """Load what the teacher section names. `need_weights`: the run prunes the student from the teacher,
     generates locally or evaluates, so a served or cached teacher's local copy must hold weights."""
     local = local_teacher_source(cfg)
-    ident = f"{resolve_path(local.path)}/{local.gguf_file or ''}" if local else ""
+    ident = teacher_ident(cfg)
     if isinstance(cfg, LiveTeacher):
         loaded = load_model(cfg.model)
-        return TeacherHandle("live", ident, loaded.tokenizer, loaded.model, None)
+        return TeacherHandle("live", ident, loaded.tokenizer, loaded.model, None, cfg.prefix_cache)
     model = None
     if local is not None and need_weights and _has_weights(local.path, local.gguf_file):
         loaded = load_model(local)

@@ -2,7 +2,8 @@
 
 Only the transformer body runs over the whole batch; the LM head is applied lazily, chunk by chunk, at
 the positions that carry loss. On short-answer chat data that skips the head on prompt and padding tokens
-and never holds (B, L, V) teacher logits.
+and never holds (B, L, V) teacher logits. The prompt prefix all rows share (chat header, system prompt)
+is computed once and reused (`prefix_cache.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from transformers import PreTrainedModel
 
 from distill.data.batching import Batch
 from distill.teachers.base import TeacherSignal, TeacherSource
+from distill.teachers.prefix_cache import PrefixCache
 
 
 def body_hidden(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
@@ -28,7 +30,7 @@ def body_hidden(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
 class LiveTeacher(TeacherSource):
     kind = "live"
 
-    def __init__(self, model: PreTrainedModel, vocab_size: int) -> None:
+    def __init__(self, model: PreTrainedModel, vocab_size: int, *, prefix_cache: bool = True) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -37,14 +39,16 @@ class LiveTeacher(TeacherSource):
         if head is None:
             raise ValueError("teacher has no LM head")
         self.head = head
+        self.prefix = PrefixCache(model) if prefix_cache else None
 
     @torch.no_grad()
     def signal(self, batch: Batch, select: torch.Tensor) -> TeacherSignal:
-        hidden = body_hidden(self.model, batch)[select]
+        full = self.prefix.hidden(batch) if self.prefix is not None else body_hidden(self.model, batch)
+        hidden = full[select]
         vocab = self.vocab_size
 
         def logits(start: int, end: int) -> torch.Tensor:
             with torch.no_grad():
-                return self.head(hidden[start:end])[:, :vocab].float()
+                return self.head(hidden[start:end])[:, :vocab].float()  # a new tensor every call
 
-        return TeacherSignal(logits=logits, num_rows=hidden.shape[0], vocab_size=vocab)
+        return TeacherSignal(logits=logits, num_rows=hidden.shape[0], vocab_size=vocab, fresh=True)

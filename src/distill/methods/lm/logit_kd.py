@@ -37,6 +37,7 @@ class LogitKD(Method):
                 f"teacher gave {signal.num_rows} positions for {hidden.shape[0]} answer tokens"
             )
         dense = signal.logits if isinstance(signal, TeacherSignal) else None
+        fresh = isinstance(signal, TeacherSignal) and signal.fresh
         sparse = None
         if isinstance(signal, SparseTeacherSignal):
             device = hidden.device
@@ -52,5 +53,6 @@ class LogitKD(Method):
             ce_weight=self.cfg.ce_weight,
             normalizer=inp.normalizer,
             chunk_size=inp.chunk_size,
+            teacher_logits_fresh=fresh,
         )
         return loss, {k: float(v) for k, v in parts.items()}

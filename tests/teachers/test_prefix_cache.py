@@ -1,0 +1,108 @@
+"""The teacher's shared-prefix cache gives the plain forward's hidden states, and steps aside when unsure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill.data.batching import IGNORE, collate
+from distill.data.tokenize import TokenizedExample
+from distill.teachers.live import LiveTeacher, body_hidden
+from distill.teachers.prefix_cache import PrefixCache, shared_prefix_length
+from tests.conftest import tiny_llama
+
+V = 64
+HEADER = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]  # 10 shared tokens (a chat header / system prompt)
+
+
+def _example(tail: list[int], answer: int = 3) -> TokenizedExample:
+    ids = HEADER + tail
+    return TokenizedExample(input_ids=ids, prompt_len=len(ids) - answer)
+
+
+EXAMPLES = [
+    _example([20, 21, 22, 23, 24, 25]),
+    _example([30, 31, 32, 33]),
+    _example([40, 41, 42, 43, 44, 45, 46, 47, 48]),
+]
+
+
+def _batch(packing: bool = False, rows: list[list[int]] | None = None):  # type: ignore[no-untyped-def]
+    return collate(EXAMPLES, rows or [[0], [1], [2]], 0, packing=packing, pad_to_multiple=1)
+
+
+def test_shared_prefix_length() -> None:
+    assert shared_prefix_length(_batch()) == len(HEADER)
+    assert shared_prefix_length(_batch(packing=True, rows=[[0, 1], [2]])) == 0  # packed: never
+    one = _batch(rows=[[2]])
+    assert shared_prefix_length(one) == one.input_ids.shape[1]
+
+
+def test_hidden_states_equal_the_plain_forward() -> None:
+    model = tiny_llama(vocab=V, layers=3, dtype=torch.float64, seed=1).eval()
+    cache = PrefixCache(model, min_tokens=4)
+    with torch.no_grad():
+        for rows in ([[0], [1], [2]], [[2], [0]], [[1]]):
+            batch = _batch(rows=rows)
+            got, want = cache.hidden(batch), body_hidden(model, batch)
+            real = batch.attention_mask.bool()
+            torch.testing.assert_close(got[real], want[real], rtol=1e-10, atol=1e-10)
+    assert cache.enabled and cache.verified
+    assert len(cache.entries) == 1  # one header, computed once, reused by every batch
+    assert cache.tokens_saved > 0
+
+
+def test_live_teacher_signal_is_unchanged() -> None:
+    model = tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=2)
+    batch = _batch()
+    select = batch.targets != IGNORE
+    with_cache = LiveTeacher(model, V).signal(batch, select)
+    without = LiveTeacher(model, V, prefix_cache=False).signal(batch, select)
+    n = with_cache.num_rows
+    torch.testing.assert_close(with_cache.logits(0, n), without.logits(0, n), rtol=1e-10, atol=1e-10)
+
+
+def test_a_cache_that_disagrees_switches_itself_off() -> None:
+    model = tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=3).eval()
+    cache = PrefixCache(model, min_tokens=4)
+    real_with_prefix = cache._with_prefix
+    cache._with_prefix = lambda batch, plen: real_with_prefix(batch, plen) + 1.0  # type: ignore[method-assign]
+    batch = _batch()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="prefix cache off"):
+        got = cache.hidden(batch)
+    torch.testing.assert_close(got, body_hidden(model, batch))
+    assert not cache.enabled and not cache.entries
+    with torch.no_grad():
+        torch.testing.assert_close(cache.hidden(batch), body_hidden(model, batch))  # plain from now on
+
+
+def test_short_prefixes_and_packed_batches_run_plain() -> None:
+    model = tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=4).eval()
+    cache = PrefixCache(model, min_tokens=len(HEADER) + 1)
+    with torch.no_grad():
+        cache.hidden(_batch())
+        cache.hidden(_batch(packing=True, rows=[[0, 1], [2]]))
+    assert not cache.entries and cache.tokens_saved == 0
+
+
+def test_single_rows_reuse_but_never_create_entries() -> None:
+    model = tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=5).eval()
+    cache = PrefixCache(model, min_tokens=4)
+    with torch.no_grad():
+        cache.hidden(_batch(rows=[[0]]))
+        assert not cache.entries and cache.tokens_saved == 0
+        cache.hidden(_batch(rows=[[0], [1]]))
+        saved = cache.tokens_saved
+        batch = _batch(rows=[[2]])
+        torch.testing.assert_close(cache.hidden(batch), body_hidden(model, batch), rtol=1e-10, atol=1e-10)
+    assert len(cache.entries) == 1 and cache.tokens_saved == saved + len(HEADER)
+
+
+def test_capacity_bounds_the_entries() -> None:
+    model = tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=5).eval()
+    cache = PrefixCache(model, min_tokens=4, capacity=2)
+    with torch.no_grad():
+        for first in (60, 61, 62):  # three different shared prefixes
+            examples = [TokenizedExample([first, *HEADER, 20 + i, 30], prompt_len=len(HEADER) + 1) for i in range(2)]
+            cache.hidden(collate(examples, [[0], [1]], 0, packing=False, pad_to_multiple=1))
+    assert len(cache.entries) == 2
