@@ -19,6 +19,8 @@ as the pipeline does (chat template, max_length 256).
      (a) |KL(p_exact || q) - KL(p_dec || q)| for the student q = the quickstart's 6-layer pruned copy
          of the teacher, untrained (q's full-vocabulary log-probs at the top-k ids);
      (a') the same with q = the teacher itself at T=2 (KL ~1.2 nats: a stand-in for a trained student);
+     (a'') the same with q = the quickstart's trained `logit_kd` student, when a quickstart run left one
+           (runs/quickstart/methods/logit_kd/student, or --student DIR);
      (b) KL(p_exact || p_dec), the error of the decoded distribution itself.
    Targets: bytes/token <= 100, mean (a) <= 1e-3 nats, mean (b) <= 1e-3 nats.
 4. The same captured top-k re-encoded with other value steps (`--steps`): bytes/token and (a), (b).
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
 from distill.data.batching import IGNORE, Batch, collate, plan_batches
 from distill.data.generate import generate_completions
@@ -228,6 +231,9 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument(
+        "--student", type=Path, default=None, help="a trained student folder for (a'') (default: the quickstart's)"
+    )
+    p.add_argument(
         "--keep", type=Path, default=None, help="write the cache here (kept) instead of a temp folder"
     )
     args = p.parse_args()
@@ -270,6 +276,13 @@ def main() -> None:
     student, _ = prune_depth(teacher, recipe.student.prune)
     logq = student_logq(student.eval(), examples, capture.exact, vocab)
     del student
+    trained_dir = args.student or recipe.run_dir() / "methods" / "logit_kd" / "student"
+    logq_trained = None
+    if (trained_dir / "config.json").exists():
+        log(f"trained student log-probs ({trained_dir})")
+        trained = AutoModelForCausalLM.from_pretrained(str(trained_dir)).eval()
+        logq_trained = student_logq(trained, examples, capture.exact, vocab)
+        del trained
 
     src = CachedTeacherSource(folder, tokenizer_hash=tokenizer_fingerprint(tok))
     t0 = time.perf_counter()
@@ -278,6 +291,7 @@ def main() -> None:
     decoded, read_s, read_tokens = served_rows(src, examples, recipe.data.batch_size)
     fid = fidelity(capture.exact, decoded, logq)
     near = fidelity(capture.exact, decoded, capture.near)["vs_student"]
+    vs_trained = fidelity(capture.exact, decoded, logq_trained)["vs_student"] if logq_trained else None
     kl_near = float(
         torch.cat([kl_to(lp, capture.near[key]) for key, (_, lp) in capture.exact.items()]).mean()
     )
@@ -336,6 +350,16 @@ def main() -> None:
     print(
         f"      mean {near.mean():.2e}   median {np.median(near):.2e}   p99 {np.quantile(near, 0.99):.2e}   max {near.max():.2e}"
     )
+    if vs_trained is not None and logq_trained is not None:
+        kl_trained = float(
+            torch.cat([kl_to(lp, logq_trained[key]) for key, (_, lp) in capture.exact.items()]).mean()
+        )
+        print(
+            f"  (a'') the same with q = the trained quickstart student {trained_dir} (mean KL(p_exact||q) = {kl_trained:.2f} nats):"
+        )
+        print(
+            f"      mean {vs_trained.mean():.2e}   median {np.median(vs_trained):.2e}   p99 {np.quantile(vs_trained, 0.99):.2e}   max {vs_trained.max():.2e}"
+        )
     print("  (b) KL(p_exact||p_dec), the decoded distribution's own error:")
     print(
         f"      mean {b.mean():.2e}   median {np.median(b):.2e}   p99 {np.quantile(b, 0.99):.2e}   max {b.max():.2e}"

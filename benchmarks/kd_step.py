@@ -15,7 +15,8 @@ Four measurements, each repeated `--reps` times with the variants interleaved in
        chunk materialised;  (b) conventional: HF `student(..., labels=...)` backward + step, plus HF
        `teacher(...)` under no_grad.
 2. real (non-padding) tokens/s of the engine's own loop (`distill.engine.trainer.train`) with logit_kd
-   (forward KL) and the project's batching (length-grouped dynamic padding) over the quickstart data.
+   (forward KL) and the project's batching (length-grouped dynamic padding) over the quickstart data,
+   with the live teacher's shared-prefix cache (the default) and without it.
 3. peak-memory rise of a KD step over a CE step + teacher forward, each in a fresh subprocess.
 4. TRL's GKD trainer (lmbda=0: no on-policy generation; beta=0, which TRL defines as forward KL) on the
    same data as chat messages: step time, real tokens/s, memory rise, and distill tokens/s / TRL tokens/s.

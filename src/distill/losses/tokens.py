@@ -235,29 +235,23 @@ def _tvd(q: Tensor, p: Tensor, t: float) -> tuple[Tensor, Tensor]:
 
 
 def _owned(x: Tensor, dtype: torch.dtype, reuse: bool) -> bool:
-    """Whether ``x``'s own storage may hold the result (the caller handed it over, dtype already right)."""
-    return reuse and x.dtype == dtype
+    """Whether ``x``'s own storage may hold the result: handed over, right dtype, on CPU (ATen's CPU
+    softmax kernels read each element before writing it, so in place is exact: tested)."""
+    return reuse and x.dtype == dtype and x.device.type == "cpu"
 
 
 def _log_probs(x: Tensor, t: float, dtype: torch.dtype, reuse: bool) -> Tensor:
-    """``log_softmax(x / T)``; in ``x``'s storage when handed over (no lasting new buffer)."""
+    """``log_softmax(x / T)``; in ``x``'s storage when handed over (no new buffer)."""
     if not _owned(x, dtype, reuse):
         return _log_softmax(x, t, dtype)
-    if t != 1.0:
-        x.div_(t)
-    if x.device.type == "cpu":  # ATen's CPU kernel reads a row before writing it: aliasing is exact (tested)
-        return torch._log_softmax(x, -1, False, out=x)
-    return x.sub_(torch.logsumexp(x, -1, keepdim=True))
+    return torch._log_softmax(x.div_(t) if t != 1.0 else x, -1, False, out=x)
 
 
 def _probs(x: Tensor, t: float, dtype: torch.dtype, reuse: bool) -> Tensor:
     """``softmax(x / T)``; in ``x``'s storage when handed over."""
     if not _owned(x, dtype, reuse):
         return _softmax(x, t, dtype)
-    if t != 1.0:
-        x.div_(t)
-    e = x.sub_(x.amax(-1, keepdim=True)).exp_()
-    return e.div_(e.sum(-1, keepdim=True))
+    return torch._softmax(x.div_(t) if t != 1.0 else x, -1, False, out=x)
 
 
 def _log_probs_and_probs(x: Tensor, t: float, dtype: torch.dtype, reuse: bool) -> tuple[Tensor, Tensor]:
@@ -266,10 +260,8 @@ def _log_probs_and_probs(x: Tensor, t: float, dtype: torch.dtype, reuse: bool) -
         return _log_softmax_and_softmax(x, t, dtype)
     if t != 1.0:
         x.div_(t)
-    x.sub_(x.amax(-1, keepdim=True))
-    probs = x.exp()
-    total = probs.sum(-1, keepdim=True)
-    return x.sub_(total.log()), probs.div_(total)
+    probs = torch.softmax(x, -1)
+    return torch._log_softmax(x, -1, False, out=x), probs
 
 
 @torch.no_grad()
