@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -106,3 +108,40 @@ def test_capacity_bounds_the_entries() -> None:
             examples = [TokenizedExample([first, *HEADER, 20 + i, 30], prompt_len=len(HEADER) + 1) for i in range(2)]
             cache.hidden(collate(examples, [[0], [1]], 0, packing=False, pad_to_multiple=1))
     assert len(cache.entries) == 2
+
+
+def _tiny(arch: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(6)
+    cfg = AutoConfig.for_model(
+        arch,
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        head_dim=8,
+    )
+    return AutoModelForCausalLM.from_config(cfg).to(torch.float64).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma2", "phi3"])
+def test_other_architectures_match_or_step_aside(arch: str) -> None:
+    """Whatever a family does with caches, the hidden states equal the plain forward: either the prefix
+    cache reproduces them (and is kept), or it turns itself off and runs plain."""
+    model = _tiny(arch)
+    cache = PrefixCache(model, min_tokens=4)
+    batch = _batch()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got, want = cache.hidden(batch), body_hidden(model, batch)  # type: ignore[arg-type]
+    real = batch.attention_mask.bool()
+    # some families compute norms in float32 even for float64 weights (gemma2): float32-level agreement
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-6)
+    assert cache.verified or not cache.enabled
