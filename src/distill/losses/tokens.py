@@ -235,9 +235,10 @@ def _tvd(q: Tensor, p: Tensor, t: float) -> tuple[Tensor, Tensor]:
 
 
 def _owned(x: Tensor, dtype: torch.dtype, reuse: bool) -> bool:
-    """Whether ``x``'s own storage may hold the result: handed over, right dtype, on CPU (ATen's CPU
-    softmax kernels read each element before writing it, so in place is exact: tested)."""
-    return reuse and x.dtype == dtype and x.device.type == "cpu"
+    """Whether ``x``'s own storage may hold the result: handed over, right dtype, contiguous, on CPU.
+    ATen's CPU softmax kernels read each element of a contiguous row before writing it, so ``out=x``
+    is exact there (tested); a strided view (a padded teacher head sliced to the vocabulary) is not."""
+    return reuse and x.dtype == dtype and x.device.type == "cpu" and x.is_contiguous()
 
 
 def _log_probs(x: Tensor, t: float, dtype: torch.dtype, reuse: bool) -> Tensor:
