@@ -145,3 +145,18 @@ def test_other_architectures_match_or_step_aside(arch: str) -> None:
     # some families compute norms in float32 even for float64 weights (gemma2): float32-level agreement
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-6)
     assert cache.verified or not cache.enabled
+
+
+def test_entries_are_dropped_when_the_weights_change() -> None:
+    model = tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=7).eval()
+    cache = PrefixCache(model, min_tokens=4)
+    batch = _batch()
+    with torch.no_grad():
+        cache.hidden(batch)
+        assert len(cache.entries) == 1
+        for p in model.parameters():
+            p.mul_(1.01)  # e.g. an EMA update of the teacher
+        got = cache.hidden(batch)
+    real = batch.attention_mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(got[real], body_hidden(model, batch)[real], rtol=1e-10, atol=1e-10)

@@ -13,6 +13,9 @@ When it applies: right-padded, unpacked batches (packed rows hold several sequen
 could see the prefix) whose rows all begin with at least `min_tokens` identical real tokens at positions
 0, 1, 2, ... Anything else runs the plain forward.
 
+Entries are dropped whenever any of the model's weights is written in place (parameter version
+counters), so a teacher that changes (an EMA teacher, a reload) never reads a stale prefix.
+
 Proof before use. Model families differ in how they treat a cache (sliding windows, special caches), so
 the first batch it applies to is computed both ways; unless the hidden states agree (relative error
 <= `tolerance`) the cache switches itself off for good and the plain forward is used. Later batches are
@@ -61,14 +64,25 @@ class PrefixCache:
         self.min_tokens = min_tokens
         self.capacity = capacity
         dtype = next(model.parameters()).dtype
-        self.tolerance = tolerance if tolerance is not None else (1e-4 if dtype == torch.float32 else 2e-2)
+        exact = dtype in (torch.float32, torch.float64)
+        self.tolerance = tolerance if tolerance is not None else (1e-4 if exact else 2e-2)
         self.entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self.enabled = True
         self.verified = False
         self.tokens_saved = 0  # row tokens served from cached prefixes (for benchmarks and logs)
+        self._weights_version = self._version()
+
+    def _version(self) -> int:
+        """Sum of the parameters' in-place modification counters: changes whenever any weight is written
+        (an optimizer step, an EMA update, a load), so entries never outlive the weights they came from."""
+        return sum(p._version for p in self.model.parameters())
 
     def hidden(self, batch: Batch) -> torch.Tensor:
         """Final (normed) hidden states (B, L, H), equal to `body_hidden(model, batch)`."""
+        version = self._version()
+        if version != self._weights_version:
+            self.entries.clear()
+            self._weights_version = version
         shared = shared_prefix_length(batch) if self.enabled else 0
         # keep at least one token to run, so the suffix forward is never empty
         shared = min(shared, batch.input_ids.shape[1] - 1)
