@@ -56,14 +56,14 @@ from distill.data.batching import IGNORE, Batch, BatchStream
 from distill.data.generate import generate_completions
 from distill.data.records import Example, read_examples, write_jsonl_atomic
 from distill.data.tokenize import TokenizedExample, tokenize_examples
-from distill.engine.trainer import accumulate_gradients, train
+from distill.engine.trainer import accumulate_gradients, make_adamw, train
 from distill.methods.base import Method
 from distill.methods.lm.cross_entropy import SFTMethod
 from distill.methods.lm.logit_kd import LogitKD
 from distill.models.loading import fresh_copy, load_model
 from distill.models.student import prune_depth
 from distill.pipeline import stored_train_answers
-from distill.recipe import SFT, Recipe, load_recipe
+from distill.recipe import SFT, Recipe, TrainConfig, load_recipe
 from distill.recipe import LogitKD as LogitKDConfig
 from distill.teachers.live import LiveTeacher
 
@@ -323,7 +323,7 @@ def measure_step_times(
     by step; the order rotates with every repetition. Process CPU time is recorded too: on a shared
     machine it is far less sensitive than wall time to other processes taking the cores."""
     student = copy.deepcopy(pair.student).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    opt = make_adamw(list(student.parameters()), TrainConfig(lr=1e-5))  # the engine's optimizer
     fns = {k: make_step(k, pair, student, opt, acc, chunk_size) for k in STEP_KINDS}
     for kind, fn in fns.items():  # warm-up: allocator, thread pools, optimizer state
         fn(batches[0])
@@ -643,7 +643,7 @@ def memory_worker(kind: str, workdir: Path, chunk_size: int) -> dict[str, Any]:
         run = _trl_memory_run(pair, batch, workdir)
     else:
         student = pair.student
-        opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+        opt = make_adamw(list(student.parameters()), TrainConfig(lr=1e-5))  # the engine's optimizer
         fn = make_step(kind, pair, student, opt, acc, chunk_size)
 
         def run() -> None:

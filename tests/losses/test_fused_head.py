@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from distill.losses import fused_head
 from distill.losses.fused_head import TeacherLogitsFn, chunked_head_loss, reference_head_loss
-from distill.losses.tokens import DIVERGENCES, DivergenceSpec
+from distill.losses.tokens import DIVERGENCES, DivergenceSpec, divergence_value_and_grad
 
 N, H, V = 13, 6, 17
 
@@ -80,6 +82,34 @@ def test_fresh_teacher_chunks_may_be_overwritten(name: str, ce_weight: float) ->
     )
     reference = _run(reference_head_loss, prob, **kwargs)
     _assert_same(chunked, reference)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("fresh", [False, True], ids=["shared", "fresh"])
+def test_row_blocked_divergence_in_the_fused_head(
+    name: str, fresh: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fused head with the divergence split into 2-row blocks (as on CPU at real vocabulary sizes)
+    equals the reference, handed-over teacher chunks and all."""
+    monkeypatch.setattr(
+        fused_head, "divergence_value_and_grad", partial(divergence_value_and_grad, block_elements=2 * V)
+    )
+    prob = _problem(4)
+    teacher = prob["teacher"]
+    kwargs: dict[str, Any] = {
+        "spec": DivergenceSpec(name, temperature=0.8),
+        "ce_weight": 0.2,
+        "normalizer": 6.0,
+    }
+    chunked = _run(
+        chunked_head_loss,
+        prob,
+        chunk_size=7,
+        teacher_logits=(lambda s, e: teacher[s:e].clone()) if fresh else _rows_of(teacher),
+        teacher_logits_fresh=fresh,
+        **kwargs,
+    )
+    _assert_same(chunked, _run(reference_head_loss, prob, **kwargs))
 
 
 @pytest.mark.parametrize(

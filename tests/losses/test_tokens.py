@@ -211,6 +211,50 @@ def test_handing_over_storage_changes_nothing_but_the_inputs(spec: DivergenceSpe
     assert torch.equal(zc, z) != reuse[0] and torch.equal(yc, y) != reuse[1]  # the handed-over ones change
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=_id)
+@pytest.mark.parametrize(
+    "reuse", [(False, False), (True, False), (False, True), (True, True)], ids=["-", "s", "t", "st"]
+)
+@pytest.mark.parametrize("padded", [False, True], ids=["contiguous", "padded-teacher"])
+def test_row_blocks_give_the_same_bits(spec: DivergenceSpec, reuse: tuple[bool, bool], padded: bool) -> None:
+    """Row blocks (2 rows of 9, last block 1 row) == one block, bit for bit, however the inputs are
+    handed over; a teacher sliced from a padded head (a strided view) included."""
+    z, y = _pair(9, n=7)
+    y[2, 4] = -INF
+    y_pad = torch.cat([y, torch.full((7, 3), -5.0, dtype=y.dtype)], dim=1)
+
+    def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+        return z.clone(), (y_pad.clone()[:, :9] if padded else y.clone())
+
+    flags = {"reuse_student": reuse[0], "reuse_teacher": reuse[1]}
+    expected = divergence_value_and_grad(*inputs(), spec, **flags, block_elements=None)
+    zc, yc = inputs()
+    values, grad = divergence_value_and_grad(zc, yc, spec, **flags, block_elements=18)
+    assert torch.equal(values, expected[0]) and torch.equal(grad, expected[1])
+    assert torch.equal(zc, z) != reuse[0]  # only the handed-over input is overwritten
+    if not reuse[1]:
+        assert torch.equal(yc, y)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_grad_scale_scales_the_gradient_only(name: str) -> None:
+    z, y = _pair(10, n=5)
+    spec = DivergenceSpec(name, temperature=2.0)
+    v1, g1 = divergence_value_and_grad(z, y, spec)
+    for block in (None, 18):
+        v2, g2 = divergence_value_and_grad(z, y, spec, grad_scale=-0.3, block_elements=block)
+        torch.testing.assert_close(v2, v1, rtol=1e-14, atol=0)
+        torch.testing.assert_close(g2, -0.3 * g1, rtol=1e-12, atol=1e-15)
+
+
+def test_handed_over_student_holds_the_blocked_gradient() -> None:
+    """Forward KL writes its gradient into the student's buffer, block by block: no (N, V) allocation."""
+    z, y = _pair(11, n=7)
+    zc = z.clone()
+    _, grad = divergence_value_and_grad(zc, y, DivergenceSpec(), reuse_student=True, block_elements=18)
+    assert grad.data_ptr() == zc.data_ptr()
+
+
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="same"):
         divergence_per_token(torch.zeros(2, 5), torch.zeros(2, 6), DivergenceSpec())

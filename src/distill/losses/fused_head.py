@@ -146,13 +146,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                         spec,
                         reuse_student=True,
                         reuse_teacher=teacher_fresh,
+                        grad_scale=kd_scale,
                     )
                 else:
                     assert teacher_topk is not None
                     values, kd_grad = sparse_value_and_grad(logits, teacher_topk.rows(start, end), spec)
+                    kd_grad.mul_(kd_scale)
                 kd_sum += values.sum()
                 if kd_weight != 0:
-                    grad = kd_grad.mul_(kd_scale)
+                    grad = kd_grad  # already scaled by kd_scale
                 del kd_grad
             del logits
             if ce_probs is not None:

@@ -171,7 +171,8 @@ def divergence_per_token(student_logits: Tensor, teacher_logits: Tensor, spec: D
 # ----------------------------------------------------------------------------------------------------
 # Each helper receives freshly allocated (rows, V) buffers that it may overwrite, and works in place:
 # on large chunks the cost is dominated by how many full-size buffers are allocated and swept, not by
-# the arithmetic. Comments say what each buffer holds after each step.
+# the arithmetic. Comments say what each buffer holds after each step. ``gs`` is the gradient's overall
+# scale: ``T`` from the chain rule times the caller's ``grad_scale``.
 
 
 def _row_sum(x: Tensor) -> Tensor:
@@ -188,18 +189,18 @@ def _log_mixture_(m: Tensor) -> Tensor:
     return m.clamp_min_(torch.finfo(m.dtype).tiny).log_()
 
 
-def _forward_kl(log_q: Tensor, log_p: Tensor, p: Tensor, t: float) -> tuple[Tensor, Tensor]:
+def _forward_kl(log_q: Tensor, log_p: Tensor, p: Tensor, gs: float) -> tuple[Tensor, Tensor]:
     value = _row_sum(log_p.clamp_min_(LOG_PROB_FLOOR).sub_(log_q).mul_(p))  # p (log p - log q)
-    return value, log_q.exp_().sub_(p).mul_(t)  # T (q - p)
+    return value, log_q.exp_().sub_(p).mul_(gs)  # T (q - p), times grad_scale
 
 
-def _reverse_kl(log_q: Tensor, q: Tensor, log_p: Tensor, t: float) -> tuple[Tensor, Tensor]:
+def _reverse_kl(log_q: Tensor, q: Tensor, log_p: Tensor, gs: float) -> tuple[Tensor, Tensor]:
     qg = log_q.sub_(log_p.clamp_min_(LOG_PROB_FLOOR)).mul_(q)  # q (log q - log p)
     value = _row_sum(qg)
-    return value, _softmax_grad_(qg, q, t)
+    return value, _softmax_grad_(qg, q, gs)
 
 
-def _jsd(log_q: Tensor, q: Tensor, log_p: Tensor, p: Tensor, t: float, beta: float) -> tuple[Tensor, Tensor]:
+def _jsd(log_q: Tensor, q: Tensor, log_p: Tensor, p: Tensor, gs: float, beta: float) -> tuple[Tensor, Tensor]:
     log_m = _log_mixture_(p.lerp_(q, 1.0 - beta))  # M = beta p + (1 - beta) q
     a = log_p.clamp_min_(LOG_PROB_FLOOR).sub_(log_m)  # log p - log M
     b = log_q.sub_(log_m)  # log q - log M
@@ -207,31 +208,31 @@ def _jsd(log_q: Tensor, q: Tensor, log_p: Tensor, p: Tensor, t: float, beta: flo
     qb = b.mul_(q)
     kl_qm = _row_sum(qb)
     value = beta * kl_pm + (1.0 - beta) * kl_qm
-    return value, _softmax_grad_(qb, q, t * (1.0 - beta))  # g = (1 - beta)(log q - log M)
+    return value, _softmax_grad_(qb, q, gs * (1.0 - beta))  # g = (1 - beta)(log q - log M)
 
 
-def _skew_forward_kl(q: Tensor, log_p: Tensor, p: Tensor, t: float, alpha: float) -> tuple[Tensor, Tensor]:
+def _skew_forward_kl(q: Tensor, log_p: Tensor, p: Tensor, gs: float, alpha: float) -> tuple[Tensor, Tensor]:
     log_m = _log_mixture_(p.lerp_(q, 1.0 - alpha))  # M = alpha p + (1 - alpha) q
     a = log_p.clamp_min_(LOG_PROB_FLOOR).sub_(log_m)  # log p - log M
     value = _row_sum(log_m.add_(a).exp_().mul_(a))  # p (log p - log M)
     qg = a.exp_().mul_(q)  # q p / M, since g = -(1 - alpha) p / M
-    return value, _softmax_grad_(qg, q, -t * (1.0 - alpha))
+    return value, _softmax_grad_(qg, q, -gs * (1.0 - alpha))
 
 
-def _skew_reverse_kl(log_q: Tensor, q: Tensor, p: Tensor, t: float, alpha: float) -> tuple[Tensor, Tensor]:
+def _skew_reverse_kl(log_q: Tensor, q: Tensor, p: Tensor, gs: float, alpha: float) -> tuple[Tensor, Tensor]:
     log_m = _log_mixture_(p.lerp_(q, alpha))  # M = (1 - alpha) p + alpha q
     b = log_q.sub_(log_m)  # log q - log M
     value = _row_sum(torch.mul(q, b, out=log_m))
     q_over_m = torch.exp(b, out=log_m)
     qg = b.sub_(q_over_m, alpha=alpha).mul_(q)  # g = log q - log M - alpha q / M
-    return value, _softmax_grad_(qg, q, t)
+    return value, _softmax_grad_(qg, q, gs)
 
 
-def _tvd(q: Tensor, p: Tensor, t: float) -> tuple[Tensor, Tensor]:
+def _tvd(q: Tensor, p: Tensor, gs: float) -> tuple[Tensor, Tensor]:
     d = p.sub_(q)
     value = 0.5 * torch.linalg.vector_norm(d, 1, -1, keepdim=True)
     qg = d.sign_().neg_().mul_(q)  # g = 0.5 sign(q - p); the 0.5 goes into the scale
-    return value, _softmax_grad_(qg, q, 0.5 * t)
+    return value, _softmax_grad_(qg, q, 0.5 * gs)
 
 
 def _owned(x: Tensor, dtype: torch.dtype, reuse: bool) -> bool:
@@ -265,6 +266,14 @@ def _log_probs_and_probs(x: Tensor, t: float, dtype: torch.dtype, reuse: bool) -
     return torch._log_softmax(x, -1, False, out=x), probs
 
 
+CPU_BLOCK_ELEMENTS = 1 << 18
+"""Row-block size (elements) of :func:`divergence_value_and_grad` on CPU: 1 MiB of float32 per buffer.
+
+Each divergence sweeps its ``(rows, V)`` buffers ~10-20 times; a whole chunk (hundreds of MB) streams
+from memory on every sweep, a block of a few rows stays in cache across all of them.
+``python benchmarks/divergence_buffers.py`` measures the effect."""
+
+
 @torch.no_grad()
 def divergence_value_and_grad(
     student_logits: Tensor,
@@ -273,8 +282,10 @@ def divergence_value_and_grad(
     *,
     reuse_student: bool = False,
     reuse_teacher: bool = False,
+    grad_scale: float = 1.0,
+    block_elements: int | None = CPU_BLOCK_ELEMENTS,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row values ``(N,)`` and ``d(sum of values)/d(student_logits)`` ``(N, V)`` in one pass.
+    """Per-row values ``(N,)`` and ``grad_scale * d(sum of values)/d(student_logits)`` ``(N, V)`` in one pass.
 
     Same maths as :func:`divergence_per_token`, with the gradient written out by hand so that no
     autograd graph (and none of its saved ``(N, V)`` intermediates) exists. Arithmetic and the returned
@@ -283,27 +294,75 @@ def divergence_value_and_grad(
     ``reuse_student`` / ``reuse_teacher`` hand that tensor's storage over: it is overwritten (and may be
     the returned gradient), saving one ``(N, V)`` buffer each. On CPU the step cost of a chunk is mostly
     allocating and sweeping such buffers, so this is worth a flag. Only for float32/64 inputs the
-    caller will not read again.
+    caller will not read again. ``grad_scale`` is folded into the last sweep of the gradient.
+
+    On CPU, rows are processed in blocks of about ``block_elements`` elements (``None``: one block), so
+    that all sweeps of a block run in cache; rows are independent, so the result is the same bit for bit.
     """
+    _check_pair(student_logits, teacher_logits)
+    n, v = student_logits.shape[0], student_logits.shape[-1]
+    rows = n if block_elements is None or student_logits.device.type != "cpu" else max(1, block_elements // v)
+    if student_logits.dim() != 2 or rows >= n:
+        return _value_and_grad(student_logits, teacher_logits, spec, reuse_student, reuse_teacher, grad_scale)
+    # decided for the whole tensor: a one-row block of a strided view looks contiguous
+    rz = reuse_student and student_logits.is_contiguous()
+    ry = reuse_teacher and teacher_logits.is_contiguous()
+    values: list[Tensor] = []
+    out: Tensor | None = None
+    for start in range(0, n, rows):
+        z, y = student_logits[start : start + rows], teacher_logits[start : start + rows]
+        value, grad = _value_and_grad(z, y, spec, rz, ry, grad_scale)
+        values.append(value)
+        if out is None:  # the first block shows where the gradient lives: a handed-over input or new
+            if _same_view(grad, z):
+                out = student_logits
+            elif _same_view(grad, y):
+                out = teacher_logits
+            else:
+                out = torch.empty((n, v), dtype=grad.dtype, device=grad.device)
+        target = out[start : start + rows]
+        if not _same_view(grad, target):
+            target.copy_(grad)
+    assert out is not None
+    return torch.cat(values), out
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
+
+
+def _value_and_grad(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    spec: DivergenceSpec,
+    rz: bool,
+    ry: bool,
+    grad_scale: float,
+) -> tuple[Tensor, Tensor]:
     dtype = _check_pair(student_logits, teacher_logits)
     z, y, t = student_logits.detach(), teacher_logits.detach(), spec.temperature
-    rz, ry = reuse_student, reuse_teacher
+    gs = t * grad_scale  # every helper multiplies its gradient by this once (``T`` from the chain rule)
     name = _effective_name(spec)
     if name == "forward_kl":
-        value, grad = _forward_kl(_log_probs(z, t, dtype, rz), *_log_probs_and_probs(y, t, dtype, ry), t)
+        value, grad = _forward_kl(_log_probs(z, t, dtype, rz), *_log_probs_and_probs(y, t, dtype, ry), gs)
     elif name == "reverse_kl":
-        value, grad = _reverse_kl(*_log_probs_and_probs(z, t, dtype, rz), _log_probs(y, t, dtype, ry), t)
+        value, grad = _reverse_kl(*_log_probs_and_probs(z, t, dtype, rz), _log_probs(y, t, dtype, ry), gs)
     elif name == "jsd":
         log_q, q = _log_probs_and_probs(z, t, dtype, rz)
-        value, grad = _jsd(log_q, q, *_log_probs_and_probs(y, t, dtype, ry), t, spec.beta)
+        value, grad = _jsd(log_q, q, *_log_probs_and_probs(y, t, dtype, ry), gs, spec.beta)
     elif name == "skew_forward_kl":
         q = _probs(z, t, dtype, rz)
-        value, grad = _skew_forward_kl(q, *_log_probs_and_probs(y, t, dtype, ry), t, spec.alpha)
+        value, grad = _skew_forward_kl(q, *_log_probs_and_probs(y, t, dtype, ry), gs, spec.alpha)
     elif name == "skew_reverse_kl":
         log_q, q = _log_probs_and_probs(z, t, dtype, rz)
-        value, grad = _skew_reverse_kl(log_q, q, _probs(y, t, dtype, ry), t, spec.alpha)
+        value, grad = _skew_reverse_kl(log_q, q, _probs(y, t, dtype, ry), gs, spec.alpha)
     elif name == "tvd":
-        value, grad = _tvd(_probs(z, t, dtype, rz), _probs(y, t, dtype, ry), t)
+        value, grad = _tvd(_probs(z, t, dtype, rz), _probs(y, t, dtype, ry), gs)
     else:  # pragma: no cover - DivergenceSpec validates the name
         raise ValueError(f"name: unknown divergence {name!r}")
     return value.squeeze(-1).mul_(t * t), grad
