@@ -86,19 +86,21 @@ def test_fresh_teacher_chunks_may_be_overwritten(name: str, ce_weight: float) ->
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 @pytest.mark.parametrize("fresh", [False, True], ids=["shared", "fresh"])
+@pytest.mark.parametrize("ce_weight", [0.0, 0.2])
 def test_row_blocked_divergence_in_the_fused_head(
-    name: str, fresh: bool, monkeypatch: pytest.MonkeyPatch
+    name: str, fresh: bool, ce_weight: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The fused head with the divergence split into 2-row blocks (as on CPU at real vocabulary sizes)
-    equals the reference, handed-over teacher chunks and all."""
+    """The fused head with its divergence and cross-entropy split into 2-row blocks (as on CPU at real
+    vocabulary sizes) equals the reference, handed-over teacher chunks and all."""
     monkeypatch.setattr(
         fused_head, "divergence_value_and_grad", partial(divergence_value_and_grad, block_elements=2 * V)
     )
+    monkeypatch.setattr(fused_head, "CPU_BLOCK_ELEMENTS", 2 * V)
     prob = _problem(4)
     teacher = prob["teacher"]
     kwargs: dict[str, Any] = {
         "spec": DivergenceSpec(name, temperature=0.8),
-        "ce_weight": 0.2,
+        "ce_weight": ce_weight,
         "normalizer": 6.0,
     }
     chunked = _run(
@@ -110,6 +112,16 @@ def test_row_blocked_divergence_in_the_fused_head(
         **kwargs,
     )
     _assert_same(chunked, _run(reference_head_loss, prob, **kwargs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_row_blocked_cross_entropy(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CE alone computes in the logits' own buffer, in 3-row blocks: same as the reference."""
+    monkeypatch.setattr(fused_head, "CPU_BLOCK_ELEMENTS", 3 * V)
+    prob = _problem(5, dtype=dtype)
+    kwargs: dict[str, Any] = {"teacher_logits": None, "kd_weight": 0.0, "ce_weight": 1.0, "normalizer": 9.0}
+    chunked = _run(chunked_head_loss, prob, chunk_size=8, **kwargs)
+    _assert_same(chunked, _run(reference_head_loss, prob, **kwargs), tol=1e-9 if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize(
