@@ -348,3 +348,17 @@ def test_hidden_must_be_two_dimensional() -> None:
             kd_weight=0.0,
             ce_weight=1.0,
         )
+
+
+def test_cross_entropy_paths_agree() -> None:
+    """The blocked in-place CE (CPU, contiguous) and the plain one (other devices, strided logits) agree."""
+    g = torch.Generator().manual_seed(6)
+    wide = torch.randn(9, 2 * V, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, V, (9, 1), generator=g)
+    plain = fused_head._cross_entropy_(wide[:, :V], labels, 0.5, in_place=False)  # strided: plain path
+    blocked = fused_head._cross_entropy_(wide[:, :V].contiguous(), labels, 0.5, in_place=True)
+    expected = torch.log_softmax(wide[:, :V], -1)
+    torch.testing.assert_close(plain[0], expected.gather(1, labels).sum(), rtol=1e-12, atol=1e-12)
+    for got in (plain, blocked):
+        torch.testing.assert_close(got[0], plain[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[1], 0.5 * expected.exp(), rtol=1e-12, atol=1e-12)

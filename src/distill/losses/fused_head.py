@@ -105,24 +105,23 @@ def _logsumexp_sum(logits: Tensor) -> Tensor:
     return total
 
 
-def _cross_entropy_(logits: Tensor, out: Tensor, labels: Tensor, scale: float) -> Tensor:
-    """``sum(log softmax(logits)[label])`` over rows, leaving ``scale * softmax(logits)`` (the CE
-    gradient but for the one-hot) in ``out``, which may be ``logits`` itself.
+def _cross_entropy_(logits: Tensor, labels: Tensor, scale: float, in_place: bool) -> tuple[Tensor, Tensor]:
+    """``sum(log softmax(logits)[label])`` over rows, and ``scale * softmax(logits)`` (the CE gradient
+    but for the one-hot), written over ``logits`` when ``in_place`` (nothing else needs them).
 
     On CPU this runs in cache-sized row blocks with ATen's in-place kernels: a fresh chunk-sized
     log-softmax was ~0.4 s of a quickstart step (page faults, then three sweeps from memory)."""
-    if logits.device.type != "cpu" or not (logits.is_contiguous() and out.is_contiguous()):
+    if logits.device.type != "cpu" or not logits.is_contiguous():
         log_probs = torch.log_softmax(logits, -1)
-        picked = log_probs.gather(1, labels).sum()
-        out.copy_(log_probs.exp_().mul_(scale))
-        return picked
+        return log_probs.gather(1, labels).sum(), log_probs.exp_().mul_(scale)
+    out = logits if in_place else torch.empty_like(logits)
     step = max(1, CPU_BLOCK_ELEMENTS // logits.shape[1])
     picked = logits.new_zeros(())
     for start in range(0, logits.shape[0], step):
         block = torch._log_softmax(logits[start : start + step], -1, False, out=out[start : start + step])
         picked += block.gather(1, labels[start : start + step]).sum()
         block.exp_().mul_(scale)
-    return picked
+    return picked, out
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -168,8 +167,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if labels is not None:  # before the divergence, which consumes `logits`
                 rows = labels[start:end].unsqueeze(1)
                 if ce_weight != 0:  # d CE / d z = softmax(z) - onehot(label); the divergence still needs z
-                    ce_probs = logits if not has_teacher else torch.empty_like(logits)
-                    ce_sum -= _cross_entropy_(logits, ce_probs, rows, ce_scale)
+                    picked, ce_probs = _cross_entropy_(logits, rows, ce_scale, in_place=not has_teacher)
+                    ce_sum -= picked
                 else:  # the value only: no (rows, V) buffer survives
                     ce_sum -= logits.gather(1, rows).sum() - _logsumexp_sum(logits)
             if has_teacher:
