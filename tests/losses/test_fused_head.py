@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from distill.losses import fused_head
 from distill.losses.fused_head import TeacherLogitsFn, chunked_head_loss, reference_head_loss
-from distill.losses.tokens import DIVERGENCES, DivergenceSpec, divergence_value_and_grad
+from distill.losses.tokens import DIVERGENCES, DivergenceSpec, block_rows, divergence_value_and_grad
 
 N, H, V = 13, 6, 17
 
@@ -95,7 +95,7 @@ def test_row_blocked_divergence_in_the_fused_head(
     monkeypatch.setattr(
         fused_head, "divergence_value_and_grad", partial(divergence_value_and_grad, block_elements=2 * V)
     )
-    monkeypatch.setattr(fused_head, "CPU_BLOCK_ELEMENTS", 2 * V)
+    monkeypatch.setattr(fused_head, "block_rows", partial(block_rows, block_elements=2 * V))
     prob = _problem(4)
     teacher = prob["teacher"]
     kwargs: dict[str, Any] = {
@@ -117,7 +117,7 @@ def test_row_blocked_divergence_in_the_fused_head(
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_row_blocked_cross_entropy(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """CE alone computes in the logits' own buffer, in 3-row blocks: same as the reference."""
-    monkeypatch.setattr(fused_head, "CPU_BLOCK_ELEMENTS", 3 * V)
+    monkeypatch.setattr(fused_head, "block_rows", partial(block_rows, block_elements=3 * V))
     prob = _problem(5, dtype=dtype)
     kwargs: dict[str, Any] = {"teacher_logits": None, "kd_weight": 0.0, "ce_weight": 1.0, "normalizer": 9.0}
     chunked = _run(chunked_head_loss, prob, chunk_size=8, **kwargs)

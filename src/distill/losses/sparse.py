@@ -61,10 +61,11 @@ def _log_tail(logprobs: Tensor) -> Tensor:
 
 
 def sparse_value_and_grad(
-    student_logits: Tensor, teacher: SparseTopK, spec: DivergenceSpec
+    student_logits: Tensor, teacher: SparseTopK, spec: DivergenceSpec, grad_scale: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """Per-row divergence between the sparse teacher and the student (N, V) logits, and its gradient
-    with respect to the student logits (N, V) — same conventions (T^2 factor) as the dense version."""
+    with respect to the student logits (N, V) times ``grad_scale`` — same conventions (T^2 factor) as
+    the dense version; the scale is applied to the (N, k + 1) gradient, before it is spread over V."""
     n, vocab = student_logits.shape
     if teacher.ids.shape[0] != n:
         raise ValueError(f"teacher top-k has {teacher.ids.shape[0]} rows, student logits {n}")
@@ -83,7 +84,7 @@ def sparse_value_and_grad(
         lse_out = torch.logsumexp(outside, dim=-1, keepdim=True)  # log of the student's tail at T, unnormalised
         s_cat = torch.cat([s_cat, t * lse_out], dim=1)
         t_cat = torch.cat([t_cat, _log_tail(teacher.logprobs).to(dtype) * teacher.capture_temperature], dim=1)
-    values, g_cat = divergence_value_and_grad(s_cat, t_cat, spec)
+    values, g_cat = divergence_value_and_grad(s_cat, t_cat, spec, grad_scale=grad_scale)
     g_cat = g_cat.to(dtype)
     grad = torch.zeros_like(z)
     if use_tail:

@@ -274,6 +274,14 @@ from memory on every sweep, a block of a few rows stays in cache across all of t
 ``python benchmarks/divergence_buffers.py`` measures the effect."""
 
 
+def block_rows(x: Tensor, block_elements: int | None = CPU_BLOCK_ELEMENTS) -> int:
+    """Rows per block for row-wise work on ``x`` ``(N, V)``: about ``block_elements`` elements on CPU;
+    all rows (one block) elsewhere or when ``block_elements`` is None."""
+    if block_elements is None or x.device.type != "cpu":
+        return max(1, x.shape[0])
+    return max(1, block_elements // x.shape[-1])
+
+
 @torch.no_grad()
 def divergence_value_and_grad(
     student_logits: Tensor,
@@ -301,7 +309,7 @@ def divergence_value_and_grad(
     """
     _check_pair(student_logits, teacher_logits)
     n, v = student_logits.shape[0], student_logits.shape[-1]
-    rows = n if block_elements is None or student_logits.device.type != "cpu" else max(1, block_elements // v)
+    rows = block_rows(student_logits, block_elements)
     if student_logits.dim() != 2 or rows >= n:
         return _value_and_grad(student_logits, teacher_logits, spec, reuse_student, reuse_teacher, grad_scale)
     # decided for the whole tensor: a one-row block of a strided view looks contiguous
