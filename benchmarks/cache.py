@@ -44,7 +44,8 @@ from transformers import AutoModelForCausalLM
 
 from distill.data.batching import IGNORE, Batch, collate, plan_batches
 from distill.data.generate import generate_completions
-from distill.data.records import Example, read_examples, write_jsonl_atomic
+from distill.data.records import Example, read_examples
+from distill.io import write_jsonl_atomic
 from distill.data.tokenize import TokenizedExample, tokenize_examples
 from distill.models.loading import load_model, tokenizer_fingerprint
 from distill.models.student import prune_depth
@@ -52,7 +53,7 @@ from distill.pipeline import stored_train_answers
 from distill.recipe import load_recipe
 from distill.teachers.base import SparseTeacherSignal, TeacherSignal, TeacherSource
 from distill.teachers.cache import DEFAULT_VALUE_STEP, CachedTeacherSource, example_key, write_cache
-from distill.teachers.live import LiveTeacher
+from distill.teachers.live import LiveTeacherSource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +94,7 @@ def teacher_answers(recipe, teacher, tok, n_prompts: int) -> tuple[list[Example]
 class Capturing(TeacherSource):
     """Wraps the live teacher; records the exact top-k (as the cache writer computes it) per example."""
 
-    def __init__(self, inner: LiveTeacher, k: int) -> None:
+    def __init__(self, inner: LiveTeacherSource, k: int) -> None:
         self.inner, self.k = inner, k
         self.exact: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.near: dict[str, torch.Tensor] = {}  # teacher at T=2 at the top-k ids: a stand-in trained student
@@ -254,7 +255,7 @@ def main() -> None:
     folder = args.keep or work / "cache"
     if args.keep and folder.exists():
         shutil.rmtree(folder)
-    capture = Capturing(LiveTeacher(teacher, vocab), args.k)
+    capture = Capturing(LiveTeacherSource(teacher, vocab), args.k)
     log(f"caching {len(examples)} examples ({n_tokens} answer tokens) at k={args.k}")
     t0 = time.perf_counter()
     manifest = write_cache(

@@ -11,7 +11,7 @@ Four measurements, each repeated `--reps` times with the variants interleaved in
 
 1. step time of `logit_kd` (forward KL, JSD beta=0.5) over "student CE step + teacher forward" on the
    same fixed batches (batch 4 x 256 real tokens, no padding), against two baselines:
-   (a) strict: distill's own fused chunked-head CE step (SFTMethod) + LiveTeacher.signal with every logits
+   (a) strict: distill's own fused chunked-head CE step (SFTMethod) + LiveTeacherSource.signal with every logits
        chunk materialised;  (b) conventional: HF `student(..., labels=...)` backward + step, plus HF
        `teacher(...)` under no_grad.
 2. real (non-padding) tokens/s of the engine's own loop (`distill.engine.trainer.train`) with logit_kd
@@ -54,7 +54,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from distill.data.batching import IGNORE, Batch, BatchStream
 from distill.data.generate import generate_completions
-from distill.data.records import Example, read_examples, write_jsonl_atomic
+from distill.data.records import Example, read_examples
+from distill.io import write_jsonl_atomic
 from distill.data.tokenize import TokenizedExample, tokenize_examples
 from distill.engine.trainer import accumulate_gradients, make_adamw, train
 from distill.methods.base import Method
@@ -63,9 +64,9 @@ from distill.methods.lm.logit_kd import LogitKD
 from distill.models.loading import fresh_copy, load_model
 from distill.models.student import prune_depth
 from distill.pipeline import stored_train_answers
-from distill.recipe import SFT, Recipe, TrainConfig, load_recipe
-from distill.recipe import LogitKD as LogitKDConfig
-from distill.teachers.live import LiveTeacher
+from distill.recipe import SFTConfig, Recipe, TrainConfig, load_recipe
+from distill.recipe import LogitKDConfig
+from distill.teachers.live import LiveTeacherSource
 
 StepFn = Callable[[Batch], None]
 MEMORY_STEPS = 2
@@ -265,9 +266,9 @@ def make_step(
     chunk_size: int,
 ) -> StepFn:
     """One optimizer step of `kind` on `student` (shared teacher, shared optimizer)."""
-    live = LiveTeacher(pair.teacher, pair.vocab)
+    live = LiveTeacherSource(pair.teacher, pair.vocab)
 
-    def engine_step(method: Method, teacher: LiveTeacher | None, batch: Batch) -> None:
+    def engine_step(method: Method, teacher: LiveTeacherSource | None, batch: Batch) -> None:
         accumulate_gradients(
             acc, student, method, [batch], teacher, chunk_size=chunk_size, vocab_size=pair.vocab
         )
@@ -279,7 +280,7 @@ def make_step(
         return lambda batch: engine_step(kd, live, batch)
 
     if kind == "ce_teacher":
-        sft = SFTMethod(SFT())
+        sft = SFTMethod(SFTConfig())
 
         def ce_teacher(batch: Batch) -> None:
             signal = live.signal(batch, batch.targets != IGNORE)
@@ -446,7 +447,7 @@ def run_distill_loop(
             student=copy.deepcopy(pair.student),
             method=method,
             stream=stream,
-            teacher=LiveTeacher(pair.teacher, pair.vocab, prefix_cache=prefix_cache),
+            teacher=LiveTeacherSource(pair.teacher, pair.vocab, prefix_cache=prefix_cache),
             cfg=cfg,
             out_dir=Path(tmp),
             vocab_size=pair.vocab,
@@ -758,7 +759,7 @@ def step_rows(times: StepTimes) -> list[Row]:
     rows = [
         Row("step s: logit_kd forward KL", Spread(wall["kd_forward_kl"]).fmt(unit="s")),
         Row("step s: logit_kd JSD(0.5)", Spread(wall["kd_jsd"]).fmt(unit="s")),
-        Row("step s: (a) distill CE + LiveTeacher fwd", Spread(wall["ce_teacher"]).fmt(unit="s")),
+        Row("step s: (a) distill CE + LiveTeacherSource fwd", Spread(wall["ce_teacher"]).fmt(unit="s")),
         Row("step s: (b) HF CE(labels) + HF teacher fwd", Spread(wall["hf_ce_teacher"]).fmt(unit="s")),
     ]
     for kind, label, target in (("kd_forward_kl", "fwd-KL", 1.05), ("kd_jsd", "JSD", 1.10)):

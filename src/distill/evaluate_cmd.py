@@ -8,13 +8,15 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM
 
-from distill.data.records import read_examples, write_jsonl_atomic
+from distill.data.records import read_examples
+from distill.io import write_jsonl_atomic
 from distill.data.tokenize import tokenize_examples
-from distill.engine.progress import Progress
+from distill.progress import Progress
 from distill.errors import InputError, RecipeError
 from distill.eval.metrics import evaluate
 from distill.models.loading import load_tokenizer, shared_vocab, tokenizer_fingerprint
-from distill.pipeline import example_row, generated_data, prepare, teacher_answers, write_json_atomic
+from distill.io import write_json_atomic
+from distill.pipeline import example_row, generated_data, prepare, teacher_answers
 from distill.recipe import ModelSource, Recipe, preflight
 from distill.teachers.factory import open_teacher
 

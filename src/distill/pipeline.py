@@ -24,9 +24,10 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from distill.data.batching import BatchStream
 from distill.data.generate import generate_completions
-from distill.data.records import Example, read_examples, write_jsonl_atomic
+from distill.data.records import Example, read_examples
+from distill.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from distill.data.tokenize import TokenizedExample, prompt_ids, tokenize_examples
-from distill.engine.progress import NullProgress, Progress
+from distill.progress import NullProgress, Progress
 from distill.engine.seeding import seed_everything
 from distill.engine.trainer import train
 from distill.errors import InputError, RecipeError
@@ -38,16 +39,6 @@ from distill.models.student import build_student
 from distill.recipe import GenerateConfig, Recipe, dump_recipe, preflight
 from distill.teachers.factory import TeacherHandle, open_teacher, teacher_ident
 from distill.teachers.served import ServedTeacherSource
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def example_row(ex: Example) -> dict[str, Any]:

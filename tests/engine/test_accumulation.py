@@ -10,9 +10,9 @@ from distill.data.tokenize import TokenizedExample
 from distill.engine.trainer import accumulate_gradients
 from distill.methods.lm.cross_entropy import SFTMethod
 from distill.methods.lm.logit_kd import LogitKD
-from distill.recipe import SFT
-from distill.recipe import LogitKD as LogitKDConfig
-from distill.teachers.live import LiveTeacher
+from distill.recipe import SFTConfig
+from distill.recipe import LogitKDConfig
+from distill.teachers.live import LiveTeacherSource
 from tests.conftest import tiny_llama
 
 V = 64
@@ -35,7 +35,7 @@ def _grads(method, student, teacher, groups: list[list[int]]) -> dict[str, torch
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_logit_kd_accumulation_invariance(divergence: str) -> None:
     student = tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=1)
-    teacher = LiveTeacher(tiny_llama(vocab=V, layers=3, dtype=torch.float64, seed=2), V)
+    teacher = LiveTeacherSource(tiny_llama(vocab=V, layers=3, dtype=torch.float64, seed=2), V)
     method = LogitKD(LogitKDConfig(divergence=divergence, ce_weight=0.5, temperature=2.0))  # type: ignore[arg-type]
     one = _grads(method, student, teacher, [[0, 1, 2, 3, 4, 5]])
     three = _grads(method, student, teacher, [[0, 1], [2, 3], [4, 5]])
@@ -48,7 +48,7 @@ def test_logit_kd_accumulation_invariance(divergence: str) -> None:
 
 def test_cross_entropy_accumulation_invariance_and_padding() -> None:
     student = tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=1)
-    method = SFTMethod(SFT())
+    method = SFTMethod(SFTConfig())
     one = _grads(method, student, None, [[0, 1, 2, 3, 4, 5]])
     two = _grads(method, student, None, [[0, 5, 3], [1, 2, 4]])
     for name in one:

@@ -11,8 +11,8 @@ from distill.data.batching import collate
 from distill.engine.trainer import accumulate_gradients
 from distill.methods.lm.logit_kd import LogitKD
 from distill.models.body import LMBody
-from distill.recipe import LogitKD as LogitKDConfig
-from distill.teachers.live import LiveTeacher
+from distill.recipe import LogitKDConfig
+from distill.teachers.live import LiveTeacherSource
 from tests.conftest import tiny_llama
 from tests.engine.test_accumulation import V, _examples
 
@@ -28,7 +28,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     acc = Accelerator(cpu=True)
     student = acc.prepare(LMBody(tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=1)))
-    teacher = LiveTeacher(tiny_llama(vocab=V, layers=3, dtype=torch.float64, seed=2), V)
+    teacher = LiveTeacherSource(tiny_llama(vocab=V, layers=3, dtype=torch.float64, seed=2), V)
     method = LogitKD(LogitKDConfig(divergence="jsd", ce_weight=0.3))
     exs = _examples()
     micro = [collate(exs, [[i] for i in g], pad_id=0, packing=False) for g in GROUPS[rank]]
@@ -55,7 +55,7 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     from accelerate import Accelerator
 
     student = tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=1)
-    teacher = LiveTeacher(tiny_llama(vocab=V, layers=3, dtype=torch.float64, seed=2), V)
+    teacher = LiveTeacherSource(tiny_llama(vocab=V, layers=3, dtype=torch.float64, seed=2), V)
     method = LogitKD(LogitKDConfig(divergence="jsd", ce_weight=0.3))
     exs = _examples()
     micro = [collate(exs, [[i] for i in range(6)], pad_id=0, packing=False)]

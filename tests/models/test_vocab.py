@@ -13,8 +13,8 @@ from distill.errors import CompatibilityError
 from distill.methods.base import StepInput
 from distill.methods.lm.logit_kd import LogitKD
 from distill.models.loading import shared_vocab
-from distill.recipe import LogitKD as LogitKDConfig
-from distill.teachers.live import LiveTeacher, body_hidden
+from distill.recipe import LogitKDConfig
+from distill.teachers.live import LiveTeacherSource, body_hidden
 from tests.conftest import tiny_llama
 
 
@@ -26,7 +26,7 @@ def test_padded_teacher_head_is_sliced(smol_tokenizer_dir: Path) -> None:
     assert vocab == len(tok) == 49152
     batch = collate([TokenizedExample(list(range(100, 120)), prompt_len=5)], [[0]], pad_id=0, packing=False)
     loss, parts = LogitKD(LogitKDConfig()).step(
-        StepInput(student=student, hidden=lambda b: body_hidden(student, b), batch=batch, teacher=LiveTeacher(teacher, vocab), normalizer=15.0, chunk_size=4, vocab_size=vocab)
+        StepInput(student=student, hidden=lambda b: body_hidden(student, b), batch=batch, teacher=LiveTeacherSource(teacher, vocab), normalizer=15.0, chunk_size=4, vocab_size=vocab)
     )
     assert torch.isfinite(loss) and parts["kd"] > 0
     loss.backward()

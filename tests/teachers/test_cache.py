@@ -26,7 +26,7 @@ from distill.teachers.cache import (
     verify_cache,
     write_cache,
 )
-from distill.teachers.live import LiveTeacher
+from distill.teachers.live import LiveTeacherSource
 from tests.conftest import tiny_llama
 
 VOCAB = 500
@@ -42,11 +42,11 @@ def _single_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def teacher() -> LiveTeacher:
+def teacher() -> LiveTeacherSource:
     model = tiny_llama(vocab=VOCAB, layers=2, hidden=32, seed=1)
     with torch.no_grad():  # sharpen the random model so distributions look like a real teacher's
         model.model.norm.weight.mul_(14.0)  # top-1 ~0.66, top-16 mass ~0.8
-    return LiveTeacher(model, VOCAB)
+    return LiveTeacherSource(model, VOCAB)
 
 
 def make_examples(n: int = 14, seed: int = 0) -> list[TokenizedExample]:
@@ -77,7 +77,7 @@ def cache_kwargs(**over: object) -> dict:
 
 @pytest.fixture(scope="module")
 def built(
-    teacher: LiveTeacher, tmp_path_factory: pytest.TempPathFactory
+    teacher: LiveTeacherSource, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, list[TokenizedExample]]:
     exs = make_examples()
     folder = tmp_path_factory.mktemp("cache")
@@ -86,7 +86,7 @@ def built(
 
 
 def live_topk(
-    teacher: LiveTeacher, batch: Batch, select: torch.Tensor, temperature: float = 1.0
+    teacher: LiveTeacherSource, batch: Batch, select: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     sig = teacher.signal(batch, select)
     assert isinstance(sig, TeacherSignal)
@@ -120,7 +120,7 @@ def aligned(sig: SparseTeacherSignal, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_round_trip_matches_live_topk(teacher: LiveTeacher, tmp_path: Path, temperature: float) -> None:
+def test_round_trip_matches_live_topk(teacher: LiveTeacherSource, tmp_path: Path, temperature: float) -> None:
     exs = make_examples(8, seed=3)
     write_cache(teacher, exs, tmp_path, **cache_kwargs(temperature=temperature))
     src = CachedTeacherSource(tmp_path, tokenizer_hash="tok123")
@@ -141,7 +141,7 @@ def test_round_trip_matches_live_topk(teacher: LiveTeacher, tmp_path: Path, temp
     assert torch.allclose(sig.tail_mass().double(), tail_exact.clamp_min(0), atol=2e-3)
 
 
-def test_fine_value_step_is_near_exact(teacher: LiveTeacher, tmp_path: Path) -> None:
+def test_fine_value_step_is_near_exact(teacher: LiveTeacherSource, tmp_path: Path) -> None:
     exs = make_examples(6, seed=4)
     write_cache(teacher, exs, tmp_path, **cache_kwargs(value_step=0.0005))
     assert read_manifest(tmp_path).encoding["values"]["dtype"] == "uint16"
@@ -319,7 +319,7 @@ class FlakyTeacher(TeacherSource):
 
 
 def test_killed_run_resumes_from_last_complete_shard(
-    teacher: LiveTeacher, built: tuple[Path, list[TokenizedExample]], tmp_path: Path
+    teacher: LiveTeacherSource, built: tuple[Path, list[TokenizedExample]], tmp_path: Path
 ) -> None:
     reference, exs = built  # same examples and settings, written without interruption
     # 14 examples, 4 per shard, 3 per batch: shards take 2, 2, 2, 1 teacher calls; die in shard 2
@@ -353,7 +353,7 @@ def test_killed_run_resumes_from_last_complete_shard(
 
 
 def test_sparse_source_gives_the_same_cache(
-    teacher: LiveTeacher, built: tuple[Path, list[TokenizedExample]], tmp_path: Path
+    teacher: LiveTeacherSource, built: tuple[Path, list[TokenizedExample]], tmp_path: Path
 ) -> None:
     class TopK(TeacherSource):  # what a served teacher returns: more than k, at temperature 1
         def signal(self, batch: Batch, select: torch.Tensor) -> SparseTeacherSignal:

@@ -9,7 +9,7 @@ import torch
 
 from distill.data.batching import IGNORE, collate
 from distill.data.tokenize import TokenizedExample
-from distill.teachers.live import LiveTeacher, body_hidden
+from distill.teachers.live import LiveTeacherSource, body_hidden
 from distill.teachers.prefix_cache import PrefixCache, shared_prefix_length
 from tests.conftest import tiny_llama
 
@@ -58,8 +58,8 @@ def test_live_teacher_signal_is_unchanged() -> None:
     model = tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=2)
     batch = _batch()
     select = batch.targets != IGNORE
-    with_cache = LiveTeacher(model, V).signal(batch, select)
-    without = LiveTeacher(model, V, prefix_cache=False).signal(batch, select)
+    with_cache = LiveTeacherSource(model, V).signal(batch, select)
+    without = LiveTeacherSource(model, V, prefix_cache=False).signal(batch, select)
     n = with_cache.num_rows
     torch.testing.assert_close(with_cache.logits(0, n), without.logits(0, n), rtol=1e-10, atol=1e-10)
 

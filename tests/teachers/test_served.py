@@ -32,7 +32,7 @@ import torch
 from distill.data.batching import IGNORE, Batch, collate
 from distill.data.tokenize import TokenizedExample, completion_ids, prompt_ids
 from distill.errors import DistillError, InputError
-from distill.recipe import ModelSource, ServedTeacher
+from distill.recipe import ModelSource, ServedTeacherConfig
 from distill.teachers import served as served_mod
 from distill.teachers.served import ServedTeacherError, ServedTeacherSource
 
@@ -97,7 +97,7 @@ def llamacpp_echo(payload: dict[str, Any], bos: int = 1) -> dict[str, Any]:
     return {"choices": [choice]}
 
 
-def served_cfg(base_url: str, **kw: Any) -> ServedTeacher:
+def served_cfg(base_url: str, **kw: Any) -> ServedTeacherConfig:
     base: dict[str, Any] = {
         "base_url": base_url,
         "model": "smol",
@@ -109,7 +109,7 @@ def served_cfg(base_url: str, **kw: Any) -> ServedTeacher:
         "max_concurrency": 2,
     }
     base.update(kw)
-    return ServedTeacher.model_validate(base)
+    return ServedTeacherConfig.model_validate(base)
 
 
 def tiny_batch(lengths: list[int], select_from: int = 1, vocab: int = VOCAB) -> tuple[Batch, torch.Tensor]:
@@ -600,7 +600,7 @@ def vllm_server(
 
 @pytest.fixture(scope="session")
 def vllm_source(vllm_server: VllmServer, smol_live: Any, smol_hf_dir: Path) -> Iterator[ServedTeacherSource]:
-    cfg = ServedTeacher(
+    cfg = ServedTeacherConfig(
         base_url=vllm_server.url,
         model="smol",
         tokenizer=ModelSource(path=str(smol_hf_dir)),
@@ -784,7 +784,7 @@ def test_llamacpp_echo_alignment_against_live_model(
     transformers. llama.cpp's own quantised kernels differ by ~0.1 nat on average, so the tolerance is
     loose; the point is the offset: one position off is ~6 nat off and the top-1 tokens stop agreeing."""
     tok = smol_live.tokenizer
-    cfg = ServedTeacher(
+    cfg = ServedTeacherConfig(
         base_url=llamacpp_url, model="smol", tokenizer=ModelSource(path="unused"), protocol="echo", top_k=20,
         timeout_s=120, max_retries=1, max_concurrency=1,
     )  # fmt: skip

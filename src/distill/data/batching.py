@@ -13,8 +13,19 @@ from dataclasses import dataclass
 import torch
 
 from distill.data.tokenize import TokenizedExample
+from distill.errors import CompatibilityError
 
 IGNORE = -100
+
+
+@dataclass(frozen=True)
+class SequenceSpan:
+    """One sequence of a batch: row `row`, columns [start, end); `selected` indexes within the span."""
+
+    row: int
+    start: int
+    end: int
+    selected: list[int]
 
 
 @dataclass
@@ -32,6 +43,41 @@ class Batch:
     @property
     def num_slots(self) -> int:
         return int(self.input_ids.numel())
+
+    def stats(self) -> dict[str, float]:
+        """What the engine logs per step (summed over micro-batches)."""
+        return {"real_tokens": self.num_real_tokens, "padded_slots": self.num_slots}
+
+    def sequences(self, select: torch.Tensor) -> list[SequenceSpan]:
+        """Each sequence holding selected positions, row-major: where it lies and which of its positions
+        are selected. A row holds one sequence (padded batches: the real tokens are where attention_mask
+        is 1, at the start of the row) or several (packed: position ids restart at each sequence). The
+        cache and the served teacher both split batches through here."""
+        if select.shape != self.input_ids.shape:
+            raise CompatibilityError(f"select {tuple(select.shape)} does not match the batch {tuple(self.input_ids.shape)}")
+        sel = select.detach().cpu().bool()
+        pos = self.position_ids.detach().cpu()
+        mask = None if self.attention_mask is None else self.attention_mask.detach().cpu().bool()
+        out: list[SequenceSpan] = []
+        bsz, width = sel.shape
+        for b in range(bsz):
+            if not bool(sel[b].any()):
+                continue
+            breaks = torch.ones(width, dtype=torch.bool)
+            breaks[1:] = pos[b, 1:] != pos[b, :-1] + 1
+            if mask is not None:
+                breaks[1:] |= mask[b, 1:] != mask[b, :-1]
+            bounds = [*torch.nonzero(breaks).flatten().tolist(), width]
+            for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+                chosen = torch.nonzero(sel[b, s:e]).flatten().tolist()
+                if not chosen:
+                    continue
+                if mask is not None and not bool(mask[b, s:e].all()):
+                    raise CompatibilityError(f"selected positions on padding (attention_mask 0) in row {b}")
+                if int(pos[b, s]) != 0:
+                    raise CompatibilityError(f"row {b}: a selected sequence does not start at position 0")
+                out.append(SequenceSpan(row=b, start=s, end=e, selected=chosen))
+        return out
 
     def to(self, device: torch.device) -> Batch:
         if self.input_ids.device == device:

@@ -14,7 +14,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from distill.data.records import Example
 from distill.data.tokenize import prompt_ids
-from distill.engine.progress import NullProgress, Progress
+from distill.progress import NullProgress, Progress
 from distill.recipe import GenerateConfig
 
 

@@ -107,19 +107,3 @@ def _read_datasets_folder(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
         ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
     for i, row in enumerate(ds):
         yield f"{path} row {i}", dict(row)
-
-
-def write_jsonl_atomic(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from distill.data.batching import Batch, BatchStream
 from distill.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from distill.engine.progress import NullProgress, Progress
+from distill.progress import NullProgress, Progress
 from distill.engine.schedule import make_scheduler
 from distill.engine.seeding import rng_state, seed_everything, set_rng_state
 from distill.methods.base import Method, StepInput

@@ -14,14 +14,14 @@ from transformers import PreTrainedModel
 
 from distill.data.batching import IGNORE, collate
 from distill.data.tokenize import TokenizedExample
-from distill.engine.progress import NullProgress, Progress
-from distill.teachers.live import LiveTeacher, body_hidden
+from distill.progress import NullProgress, Progress
+from distill.teachers.live import LiveTeacherSource, body_hidden
 
 
 @torch.no_grad()
 def evaluate(
     student: PreTrainedModel,
-    teacher: LiveTeacher | None,
+    teacher: LiveTeacherSource | None,
     examples: list[TokenizedExample],
     *,
     vocab_size: int,

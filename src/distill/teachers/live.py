@@ -27,7 +27,7 @@ def body_hidden(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
     return out.last_hidden_state
 
 
-class LiveTeacher(TeacherSource):
+class LiveTeacherSource(TeacherSource):
     kind = "live"
 
     def __init__(self, model: PreTrainedModel, vocab_size: int, *, prefix_cache: bool = True) -> None:

@@ -40,7 +40,7 @@ import torch
 
 from distill.data.batching import Batch
 from distill.errors import DistillError, InputError
-from distill.recipe import ServedTeacher
+from distill.recipe import ServedTeacherConfig
 from distill.teachers.base import SparseTeacherSignal, TeacherSource
 
 T = TypeVar("T")
@@ -258,7 +258,7 @@ class ServedTeacherSource(TeacherSource):
 
     kind = "served"
 
-    def __init__(self, cfg: ServedTeacher, tokenizer: Any = None) -> None:
+    def __init__(self, cfg: ServedTeacherConfig, tokenizer: Any = None) -> None:
         self.cfg = cfg
         api_key: str | None = None
         if cfg.api_key_env:

@@ -7,7 +7,7 @@ import torch
 
 from distill.losses.fused_head import chunked_head_loss
 from distill.methods.base import METHODS, Method, StepInput, student_rows
-from distill.recipe import SFT, SeqKD
+from distill.recipe import SFTConfig, SeqKD
 
 
 class _CrossEntropy(Method):

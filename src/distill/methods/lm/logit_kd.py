@@ -13,7 +13,7 @@ from distill.losses.fused_head import chunked_head_loss
 from distill.losses.sparse import SparseTopK
 from distill.losses.tokens import DivergenceSpec
 from distill.methods.base import METHODS, Method, StepInput, student_rows
-from distill.recipe import LogitKD as LogitKDConfig
+from distill.recipe import LogitKDConfig
 from distill.teachers.base import SparseTeacherSignal, TeacherSignal
 
 

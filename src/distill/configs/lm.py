@@ -1,0 +1,51 @@
+"""Method configs of the language-model family (torch-free; implementations in methods/lm/)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from pydantic import Field
+
+from distill.configs.base import DISTRIBUTION, MethodConfigBase, register_method_config
+
+if TYPE_CHECKING:
+    from distill.recipe import Recipe
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+
+
+@register_method_config
+class LogitKDConfig(MethodConfigBase):
+    """Match the teacher's next-token distribution on the training text (Hinton et al. 2015; GKD's
+    divergences, Agarwal et al. 2024)."""
+
+    name: Literal["logit_kd"] = "logit_kd"
+    divergence: Divergence = "forward_kl"
+    temperature: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.5, ge=0, le=1)
+    alpha: float = Field(default=0.1, ge=0, lt=1)
+    kd_weight: float = Field(default=1.0, ge=0)
+    ce_weight: float = Field(default=0.0, ge=0)
+    tail: Literal["bucket", "renormalize"] = "bucket"  # sparse (cached/served) teachers only
+
+    teacher_needs: ClassVar[frozenset[str]] = frozenset({DISTRIBUTION})
+
+
+@register_method_config
+class SeqKDConfig(MethodConfigBase):
+    """Sequence-level KD (Kim & Rush 2016): plain cross-entropy on teacher-generated text."""
+
+    name: Literal["seq_kd"] = "seq_kd"
+
+    def check(self, recipe: Recipe) -> None:
+        if recipe.teacher is None:
+            raise ValueError("method 'seq_kd' needs a teacher section")
+        if recipe.data.generate is None:
+            raise ValueError("method 'seq_kd' trains on teacher-generated text: set data.generate")
+
+
+@register_method_config
+class SFTConfig(MethodConfigBase):
+    """Supervised fine-tuning on the dataset's own completions; no teacher."""
+
+    name: Literal["sft"] = "sft"
