@@ -175,8 +175,8 @@ def eval_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Evaluate a saved student against the recipe's teacher on the recipe's held-out data."""
-    from distill.evaluate_cmd import evaluate_saved
     from distill.recipe import load_recipe
+    from distill.stages import evaluate_saved
 
     r = load_recipe(recipe, set_)
     progress = RichProgress()
@@ -196,8 +196,8 @@ def generate(
     set_: SetOpt = None,
 ) -> None:
     """Let the recipe's teacher answer every prompt (sequence-KD data); written atomically."""
-    from distill.evaluate_cmd import generate_file
     from distill.recipe import load_recipe
+    from distill.stages import generate_file
 
     r = load_recipe(recipe, set_)
     progress = RichProgress()
@@ -211,8 +211,8 @@ def generate(
 @app.command()
 def cache(recipe: str, set_: SetOpt = None) -> None:
     """Run the teacher once over the training data and store its top-k log-probs (resumable)."""
-    from distill.evaluate_cmd import cache_teacher
     from distill.recipe import load_recipe
+    from distill.stages import cache_teacher
 
     r = load_recipe(recipe, set_)
     progress = RichProgress()

@@ -29,7 +29,7 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def write_with(path: Path, writer: Callable[[Path], None]) -> None:
+def write_with(path: Path, writer: Callable[[Path], object]) -> None:
     """Call `writer(tmp)` to fill a temp file, then rename it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

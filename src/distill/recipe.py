@@ -190,7 +190,7 @@ class Recipe(Strict):
     def _capabilities(self) -> Recipe:
         methods: list[MethodConfigBase] = [self.method, *self.baselines]
         fields = ["method", *(f"baselines.{i}" for i in range(len(self.baselines)))]
-        provides = getattr(self.teacher, "provides", frozenset())
+        provides: frozenset[str] = getattr(self.teacher, "provides", frozenset())
         for field, m in zip(fields, methods, strict=True):
             missing = sorted(m.teacher_needs - provides)
             if missing and self.teacher is None:

@@ -1,5 +1,6 @@
-"""Stand-alone stages: `distill eval`, `distill generate` and `distill cache` (a run does the first two
-inside itself; the cache is made once and then read by runs with `teacher.kind: cache`)."""
+"""The stages a user can run on their own, outside `distill run`: `distill eval` (a saved student against
+the teacher), `distill generate` (teacher answers to a prompt file) and `distill cache` (the teacher's
+top-k stored once, then read by runs with `teacher.kind: cache`)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM
 
+from distill.data.answers import example_row, generated_data, teacher_answers
 from distill.data.records import read_examples
-from distill.io import write_jsonl_atomic
 from distill.data.tokenize import tokenize_examples
-from distill.progress import Progress
 from distill.errors import InputError, RecipeError
 from distill.eval.metrics import evaluate
+from distill.families.lm import prepare
+from distill.io import write_json_atomic, write_jsonl_atomic
 from distill.models.loading import load_tokenizer, shared_vocab, tokenizer_fingerprint
-from distill.io import write_json_atomic
-from distill.pipeline import example_row, generated_data, prepare, teacher_answers
+from distill.progress import Progress
 from distill.recipe import ModelSource, Recipe, preflight
 from distill.teachers.factory import open_teacher
 

@@ -46,8 +46,8 @@ def test_packed_rows_equal_separate_sequences() -> None:
     sep = collate(exs, [[0], [1], [2]], 0, packing=False)
     packed = collate(exs, [[0, 1, 2]], 0, packing=True)
     with torch.no_grad():
-        a = body_hidden(model, sep)[sep.targets != IGNORE]
-        b = body_hidden(model, packed)[packed.targets != IGNORE]
+        a = batch_hidden(model, sep)[sep.targets != IGNORE]
+        b = batch_hidden(model, packed)[packed.targets != IGNORE]
     assert torch.allclose(a, b, atol=1e-5)
     assert packed.num_real_tokens == 22
 

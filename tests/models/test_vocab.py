@@ -14,7 +14,8 @@ from distill.methods.base import StepInput
 from distill.methods.lm.logit_kd import LogitKD
 from distill.models.loading import shared_vocab
 from distill.recipe import LogitKDConfig
-from distill.teachers.live import LiveTeacherSource, body_hidden
+from distill.models.body import batch_hidden
+from distill.teachers.live import LiveTeacherSource
 from tests.conftest import tiny_llama
 
 
@@ -26,7 +27,7 @@ def test_padded_teacher_head_is_sliced(smol_tokenizer_dir: Path) -> None:
     assert vocab == len(tok) == 49152
     batch = collate([TokenizedExample(list(range(100, 120)), prompt_len=5)], [[0]], pad_id=0, packing=False)
     loss, parts = LogitKD(LogitKDConfig()).step(
-        StepInput(student=student, hidden=lambda b: body_hidden(student, b), batch=batch, teacher=LiveTeacherSource(teacher, vocab), normalizer=15.0, chunk_size=4, vocab_size=vocab)
+        StepInput(student=student, hidden=lambda b: batch_hidden(student, b), batch=batch, teacher=LiveTeacherSource(teacher, vocab), normalizer=15.0, chunk_size=4, vocab_size=vocab)
     )
     assert torch.isfinite(loss) and parts["kd"] > 0
     loss.backward()

@@ -9,7 +9,8 @@ import torch
 
 from distill.data.batching import IGNORE, collate
 from distill.data.tokenize import TokenizedExample
-from distill.teachers.live import LiveTeacherSource, body_hidden
+from distill.models.body import batch_hidden
+from distill.teachers.live import LiveTeacherSource
 from distill.teachers.prefix_cache import PrefixCache, shared_prefix_length
 from tests.conftest import tiny_llama
 
@@ -46,7 +47,7 @@ def test_hidden_states_equal_the_plain_forward() -> None:
     with torch.no_grad():
         for rows in ([[0], [1], [2]], [[2], [0]], [[1]]):
             batch = _batch(rows=rows)
-            got, want = cache.hidden(batch), body_hidden(model, batch)
+            got, want = cache.hidden(batch), batch_hidden(model, batch)
             real = batch.attention_mask.bool()
             torch.testing.assert_close(got[real], want[real], rtol=1e-10, atol=1e-10)
     assert cache.enabled and cache.verified
@@ -72,10 +73,10 @@ def test_a_cache_that_disagrees_switches_itself_off() -> None:
     batch = _batch()
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="prefix cache off"):
         got = cache.hidden(batch)
-    torch.testing.assert_close(got, body_hidden(model, batch))
+    torch.testing.assert_close(got, batch_hidden(model, batch))
     assert not cache.enabled and not cache.entries
     with torch.no_grad():
-        torch.testing.assert_close(cache.hidden(batch), body_hidden(model, batch))  # plain from now on
+        torch.testing.assert_close(cache.hidden(batch), batch_hidden(model, batch))  # plain from now on
 
 
 def test_short_prefixes_and_packed_batches_run_plain() -> None:
@@ -96,7 +97,7 @@ def test_single_rows_reuse_but_never_create_entries() -> None:
         cache.hidden(_batch(rows=[[0], [1]]))
         saved = cache.tokens_saved
         batch = _batch(rows=[[2]])
-        torch.testing.assert_close(cache.hidden(batch), body_hidden(model, batch), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(cache.hidden(batch), batch_hidden(model, batch), rtol=1e-10, atol=1e-10)
     assert len(cache.entries) == 1 and cache.tokens_saved == saved + len(HEADER)
 
 
@@ -140,7 +141,7 @@ def test_other_architectures_match_or_step_aside(arch: str) -> None:
     batch = _batch()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        got, want = cache.hidden(batch), body_hidden(model, batch)  # type: ignore[arg-type]
+        got, want = cache.hidden(batch), batch_hidden(model, batch)  # type: ignore[arg-type]
     real = batch.attention_mask.bool()
     # some families compute norms in float32 even for float64 weights (gemma2): float32-level agreement
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-6)
@@ -159,4 +160,4 @@ def test_entries_are_dropped_when_the_weights_change() -> None:
         got = cache.hidden(batch)
     real = batch.attention_mask.bool()
     with torch.no_grad():
-        torch.testing.assert_close(got[real], body_hidden(model, batch)[real], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got[real], batch_hidden(model, batch)[real], rtol=1e-10, atol=1e-10)

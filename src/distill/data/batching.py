@@ -188,8 +188,20 @@ def collate(
     )
 
 
+def shard_rows(rows: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """Rank `rank`'s contiguous share of one global batch (sizes differ by at most one row)."""
+    base, extra = divmod(len(rows), world)
+    start = rank * base + min(rank, extra)
+    return rows[start : start + base + (1 if rank < extra else 0)]
+
+
 class BatchStream:
-    """Endless, resumable stream of batches over epochs: its state is just (epoch, index)."""
+    """Endless, resumable stream of batches over epochs: its state is just (epoch, index).
+
+    Sharded by process: the plan is made for the global batch (`batch_size` rows per process times the
+    number of processes) and each process collates its contiguous share, so every example is seen once
+    per epoch across processes and N processes see exactly the batches one process would with N times
+    the batch size. A last global batch too small to give every process a row joins the one before."""
 
     def __init__(
         self,
@@ -203,7 +215,7 @@ class BatchStream:
         max_length: int,
     ) -> None:
         if not examples:
-            raise ValueError("no training examples")
+            raise CompatibilityError("data.train: no training examples")
         self.examples = examples
         self.batch_size = batch_size
         self.pad_id = pad_id
@@ -211,21 +223,35 @@ class BatchStream:
         self.group_by_length = group_by_length
         self.packing = packing
         self.max_length = max_length
+        self.rank, self.world = 0, 1
         self.epoch = 0
         self.index = 0
         self._plan: list[list[list[int]]] | None = None
 
+    def shard(self, rank: int, world: int) -> None:
+        if not 0 <= rank < world:
+            raise CompatibilityError(f"process rank {rank} outside a world of {world}")
+        self.rank, self.world = rank, world
+        self._plan = None
+
     def _current_plan(self) -> list[list[list[int]]]:
         if self._plan is None:
-            self._plan = plan_batches(
+            plan = plan_batches(
                 [len(e.input_ids) for e in self.examples],
-                self.batch_size,
+                self.batch_size * self.world,
                 seed=self.seed,
                 epoch=self.epoch,
                 group_by_length=self.group_by_length,
                 packing=self.packing,
                 max_length=self.max_length,
             )
+            if len(plan) > 1 and len(plan[-1]) < self.world:
+                plan[-2] = plan[-2] + plan.pop()
+            if len(plan[0]) < self.world:
+                raise CompatibilityError(
+                    f"data.train: {len(plan[0])} rows cannot feed {self.world} processes; use more examples"
+                )
+            self._plan = plan
         return self._plan
 
     def next_batch(self) -> Batch:
@@ -235,7 +261,7 @@ class BatchStream:
             self.index = 0
             self._plan = None
             plan = self._current_plan()
-        rows = plan[self.index]
+        rows = shard_rows(plan[self.index], self.rank, self.world)
         self.index += 1
         return collate(self.examples, rows, self.pad_id, self.packing)
 

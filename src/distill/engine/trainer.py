@@ -1,15 +1,15 @@
-"""The one training loop every method runs in.
+"""The one training loop every method runs in, whatever it trains.
 
-Owns devices and precision (Accelerate), gradient accumulation with loss normalised per real token over
-the whole accumulated, all-process batch, clipping, AdamW + schedule, checkpoint/resume, metrics.jsonl.
+Owns devices and precision (Accelerate), the phase loop over named optimizer groups, gradient
+accumulation with the loss normalised by the units of the whole accumulated, all-process update
+(counted after the method's preparation), clipping per group, schedules, checkpoint/resume, metrics.
+It knows methods only through `methods.base.Method` and imports no model library.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,17 +17,17 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from transformers import PreTrainedModel
 
-from distill.data.batching import Batch, BatchStream
-from distill.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from distill.progress import NullProgress, Progress
+from distill.engine.accelerator import make_accelerator, zero_stage
+from distill.engine.checkpoint import latest_intact_checkpoint, load_checkpoint, save_checkpoint
+from distill.engine.optim import check_groups, group_settings, make_adamw
 from distill.engine.schedule import make_scheduler
 from distill.engine.seeding import rng_state, seed_everything, set_rng_state
-from distill.methods.base import Method, StepInput
-from distill.models.body import LMBody
+from distill.errors import RecipeError
+from distill.io import write_text_atomic
+from distill.methods.base import Method, Phase, StepContext, Stream
+from distill.progress import NullProgress, Progress
 from distill.recipe import TrainConfig
-from distill.teachers.base import TeacherSource
 
 
 @dataclass
@@ -36,197 +36,217 @@ class TrainResult:
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None
+    notes: list[str] = field(default_factory=list)
 
 
-def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
-    return Accelerator(
-        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
-        cpu=not torch.cuda.is_available(),
-        log_with="tensorboard" if cfg.tensorboard else None,
-        project_dir=str(run_dir),
-    )
+@dataclass
+class _Group:
+    name: str
+    params: list[torch.nn.Parameter]
+    optimizer: Any  # accelerate's AcceleratedOptimizer
+    scheduler: Any
+    max_grad_norm: float | None
 
 
 def _rewrite_metrics(path: Path, upto_step: int) -> None:
     """On resume, drop metric rows past the checkpoint so the file reads as one uninterrupted run."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= upto_step]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= upto_step]
+        write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
-def accumulate_gradients(
+def _build_groups(method: Method, cfg: TrainConfig, acc: Accelerator, wrapped: dict[str, torch.nn.Module]) -> dict[str, _Group]:
+    groups = method.groups()
+    check_groups(cfg, list(groups))
+    updates = {g: 0 for g in groups}
+    for phase in method.phases():
+        if phase.group not in groups:
+            raise RecipeError(f"method {method.name}: phase steps unknown group {phase.group!r}")
+        updates[phase.group] += phase.updates
+    out: dict[str, _Group] = {}
+    for name, module_names in groups.items():
+        params = [p for m in module_names for p in acc.unwrap_model(wrapped[m]).parameters() if p.requires_grad]
+        if not params:
+            raise RecipeError(f"method {method.name}: optimizer group {name!r} has no trainable parameters")
+        settings = group_settings(cfg, name)
+        raw_opt = make_adamw(params, settings)
+        total = max(1, cfg.steps * updates[name])
+        sched = make_scheduler(raw_opt, total=total, warmup=cfg.warmup_steps * max(1, updates[name]), kind=cfg.schedule)
+        opt = acc.prepare(raw_opt)
+        out[name] = _Group(name, params, opt, sched, settings["max_grad_norm"])
+    return out
+
+
+def _one_update(
     acc: Accelerator,
-    model: torch.nn.Module,
     method: Method,
-    micro: list[Batch],
-    teacher: TeacherSource | None,
-    *,
-    chunk_size: int,
-    vocab_size: int,
-) -> tuple[float, dict[str, float]]:
-    """Backward over the micro-batches of one optimizer step; returns (loss tokens, {"loss", parts...}).
+    stream: Stream,
+    wrapped: dict[str, torch.nn.Module],
+    phase: Phase,
+    step: int,
+    grad_accum: int,
+) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Prepare and back-propagate the micro-batches of one optimizer update of `phase`.
 
-    Every micro-batch's loss is divided by the real-token count of the whole step on all processes, so k
-    micro-batches of B/k give the same gradient as one batch of B, and N processes the same as one.
-    `model` is the student, or an `LMBody` of it as prepared by Accelerate (required for DDP/FSDP).
-    """
-    body = model if isinstance(acc.unwrap_model(model), LMBody) else LMBody(model)  # type: ignore[arg-type]
-    student = acc.unwrap_model(body).lm
-
-    def hidden(batch: Batch) -> torch.Tensor:
-        out: torch.Tensor = body(batch.input_ids, batch.attention_mask, batch.position_ids)
-        return out
-
-    local = torch.tensor([sum(b.num_loss_tokens for b in micro)], dtype=torch.float64, device=acc.device)
-    total_tokens = float(acc.gather(local).sum())
+    Returns (loss units of the update on all processes, {"loss", parts...} as global means, batch stats)."""
+    micro = []
+    for _ in range(grad_accum):
+        batch = stream.next_batch().to(acc.device)
+        with torch.no_grad():
+            micro.append(method.prepare(batch, phase))
+    local = torch.tensor([sum(float(method.loss_units(b, phase)) for b in micro)], dtype=torch.float64, device=acc.device)
+    total_units = float(acc.gather(local).sum())
     # DDP averages gradients over processes, so each process divides by total/world to get a sum.
-    normalizer = max(total_tokens, 1.0) / acc.num_processes
+    normalizer = max(total_units, 1.0) / acc.num_processes
+    ctx = StepContext(modules=wrapped, normalizer=normalizer, phase=phase, step=step, device=acc.device)
     parts_sum: dict[str, float] = {}
+    stats: dict[str, float] = {}
     for i, batch in enumerate(micro):
-        sync = i == len(micro) - 1
-        ctx = acc.no_sync(body) if not sync else contextlib.nullcontext()
-        with ctx, acc.autocast():
-            loss, parts = method.step(
-                StepInput(
-                    student=student,
-                    hidden=hidden,
-                    batch=batch,
-                    teacher=teacher,
-                    normalizer=normalizer,
-                    chunk_size=chunk_size,
-                    vocab_size=vocab_size,
-                )
-            )
+        with contextlib.ExitStack() as stack:
+            if i < len(micro) - 1:  # gradients synchronise on the last micro-batch only
+                for module in wrapped.values():
+                    stack.enter_context(acc.no_sync(module))
+            stack.enter_context(acc.autocast())
+            loss, parts = method.loss(ctx, batch)
             acc.backward(loss)
-        parts = {"loss": float(loss.detach()), **parts}
-        for k, v in parts.items():
+        for k, v in {"loss": float(loss.detach()), **parts}.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v / acc.num_processes
+        for k, v in batch.stats().items():
+            stats[k] = stats.get(k, 0.0) + float(v)
     if acc.num_processes > 1 and parts_sum:  # each process holds its share of the global mean
         summed = acc.reduce(torch.tensor(list(parts_sum.values()), device=acc.device), reduction="sum")
         parts_sum = dict(zip(parts_sum, summed.tolist(), strict=True))
-    return total_tokens, parts_sum
-
-
-def make_adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with the fused kernel (one pass over all parameters: ~6x faster than the per-tensor version
-    on CPU, 0.05 vs 0.30 s per step for the quickstart student), else the per-tensor one where a device
-    or dtype has no fused kernel."""
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": cfg.betas, "weight_decay": cfg.weight_decay}
-    try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(params, **kwargs)
+    return total_units, parts_sum, stats
 
 
 def train(
     *,
-    student: PreTrainedModel,
     method: Method,
-    stream: BatchStream,
-    teacher: TeacherSource | None,
+    stream: Stream,
     cfg: TrainConfig,
     out_dir: Path,
-    vocab_size: int,
     seed: int,
     resume: bool = False,
     progress: Progress | None = None,
     accelerator: Accelerator | None = None,
 ) -> TrainResult:
-    """Train `student` with `method` for cfg.steps optimizer steps; returns the metric history."""
+    """Train `method`'s modules for cfg.steps steps (each step runs every phase once); return the history."""
     progress = progress or NullProgress()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(seed, cfg.deterministic)
     acc = accelerator or make_accelerator(cfg, out_dir)
-    params = [p for p in student.parameters() if p.requires_grad]
-    for module in method.modules():
-        params += [p for p in module.parameters() if p.requires_grad]
-    opt = make_adamw(params, cfg)
-    sched = make_scheduler(opt, total=cfg.steps, warmup=cfg.warmup_steps, kind=cfg.schedule)
-    body, opt = acc.prepare(LMBody(student), opt)
-    raw_student = acc.unwrap_model(body).lm
-    modules: dict[str, torch.nn.Module] = {"student": raw_student}
-    modules.update({f"method_{i}": m for i, m in enumerate(method.modules())})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed + acc.process_index, cfg.deterministic)
+    method.check_distributed(str(acc.distributed_type).split(".")[-1], zero_stage(acc))
+    for module in method.frozen_modules().values():
+        module.to(acc.device)
+    raw = method.modules()
+    wrapped = {name: acc.prepare(module) for name, module in raw.items()}
+    groups = _build_groups(method, cfg, acc, wrapped)
+    phases = method.phases()
+    stream.shard(acc.process_index, acc.num_processes)
 
-    ckpt_dir = out_dir / "checkpoints"
-    metrics_path = out_dir / "metrics.jsonl"
-    start_step = 0
-    resumed_from: int | None = None
-    last = latest_checkpoint(ckpt_dir) if resume else None
+    ckpt_dir, metrics_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
+    start_step, resumed_from = 0, None
+    notes: list[str] = []
+    last = None
+    if resume:
+        last, notes = latest_intact_checkpoint(ckpt_dir)
+        for note in notes:
+            progress.log(f"{note}; falling back to an older one")
     if last is not None:
-        state = load_checkpoint(last, modules)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        state = load_checkpoint(last, raw)
+        for name, g in groups.items():
+            g.optimizer.load_state_dict(state["optimizers"][name])
+            g.scheduler.load_state_dict(state["schedulers"][name])
         stream.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        rngs = state["rng"]
+        set_rng_state(rngs[acc.process_index] if acc.process_index < len(rngs) else rngs[0])
+        method.load_state_dict(state["method"])
         start_step = resumed_from = int(state["step"])
-        _rewrite_metrics(metrics_path, start_step)
-    elif metrics_path.exists():
+        if notes:
+            progress.log(f"resuming from {last.name}")
+        if acc.is_main_process:
+            _rewrite_metrics(metrics_path, start_step)
+    elif acc.is_main_process and metrics_path.exists():
         metrics_path.unlink()
-    if cfg.tensorboard:
+    if cfg.trackers:
         acc.init_trackers(out_dir.name)
 
     history: list[dict[str, Any]] = []
-    student.train()
+    for module in raw.values():
+        module.train()
     progress.start(f"training {method.name}", cfg.steps)
-    if start_step:
-        progress.advance(start_step)
+    progress.advance(start_step)
     started = time.perf_counter()
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
-        micro = [stream.next_batch().to(acc.device) for _ in range(cfg.grad_accum)]
-        total_tokens, parts_sum = accumulate_gradients(
-            acc, body, method, micro, teacher, chunk_size=cfg.chunk_size, vocab_size=vocab_size
-        )
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        row: dict[str, Any] = {"step": step + 1}
+        stats: dict[str, float] = {}
+        for phase in phases:
+            group = groups[phase.group]
+            prefix = f"{phase.group}/" if len(phases) > 1 else ""
+            for _ in range(phase.updates):
+                units, parts, batch_stats = _one_update(acc, method, stream, wrapped, phase, step, cfg.grad_accum)
+                grad_norm = None
+                if group.max_grad_norm is not None:
+                    grad_norm = float(acc.clip_grad_norm_(group.params, group.max_grad_norm))
+                group.optimizer.step()
+                group.scheduler.step()
+                for g in groups.values():  # a phase may leave gradients on other groups' parameters
+                    g.optimizer.zero_grad(set_to_none=True)
+                method.after_step(phase, step)
+                for k, v in batch_stats.items():
+                    stats[k] = stats.get(k, 0.0) + v
+            row.update({f"{prefix}{k}": v for k, v in parts.items()})
+            row[f"{prefix}lr"] = group.scheduler.get_last_lr()[0]
+            row[f"{prefix}grad_norm"] = grad_norm
+            row[f"{prefix}loss_units"] = units
         dt = time.perf_counter() - t0
-        real = sum(b.num_real_tokens for b in micro)
-        row: dict[str, Any] = {
-            "step": step + 1,
-            **parts_sum,
-            "lr": sched.get_last_lr()[0],
-            "grad_norm": grad_norm,
-            "loss_tokens": int(total_tokens),
-            "real_tokens": real,
-            "padded_slots": sum(b.num_slots for b in micro),
-            "step_seconds": dt,
-            "real_tokens_per_s": real / dt if dt > 0 else 0.0,
-        }
+        if len(phases) > 1:
+            row["loss"] = sum(row[f"{p.group}/loss"] for p in phases if f"{p.group}/loss" in row)
+        row.update({k: int(v) if float(v).is_integer() else v for k, v in stats.items()})
+        row["step_seconds"] = dt
+        if "real_tokens" in stats:
+            row["real_tokens_per_s"] = stats["real_tokens"] / dt if dt > 0 else 0.0
         history.append(row)
         if acc.is_main_process:
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-        if cfg.tensorboard:
+        if cfg.trackers:
             acc.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step + 1)
         progress.advance(1, f"loss {row['loss']:.4f}")
         done = step + 1
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                save_checkpoint(
-                    ckpt_dir,
-                    done,
-                    modules,
-                    {
-                        "step": done,
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
-                        "data": stream.state_dict(),
-                        "rng": rng_state(),
-                    },
-                )
+            _checkpoint(acc, ckpt_dir, done, raw, groups, stream, method)
     progress.finish()
-    if cfg.tensorboard:
+    if cfg.trackers:
         acc.end_training()
-    student.eval()
-    return TrainResult(
-        steps=cfg.steps, seconds=time.perf_counter() - started, history=history, resumed_from=resumed_from
-    )
+    for module in raw.values():
+        module.eval()
+    seconds = time.perf_counter() - started
+    return TrainResult(steps=cfg.steps, seconds=seconds, history=history, resumed_from=resumed_from, notes=notes)
+
+
+def _checkpoint(
+    acc: Accelerator,
+    ckpt_dir: Path,
+    done: int,
+    raw: dict[str, torch.nn.Module],
+    groups: dict[str, _Group],
+    stream: Stream,
+    method: Method,
+) -> None:
+    """Written once, by the main process, with the RNG states of every process; loadable by all ranks."""
+    from accelerate.utils import gather_object
+
+    rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+    if acc.is_main_process:
+        state = {
+            "step": done,
+            "optimizers": {n: g.optimizer.state_dict() for n, g in groups.items()},
+            "schedulers": {n: g.scheduler.state_dict() for n, g in groups.items()},
+            "data": stream.state_dict(),
+            "rng": rngs,
+            "method": method.state_dict(),
+        }
+        save_checkpoint(ckpt_dir, done, raw, state)
+    acc.wait_for_everyone()

@@ -14,8 +14,13 @@ from transformers import PreTrainedModel
 
 from distill.data.batching import IGNORE, collate
 from distill.data.tokenize import TokenizedExample
+from distill.losses.tokens import DivergenceSpec, divergence_per_token
+from distill.models.body import batch_hidden
 from distill.progress import NullProgress, Progress
-from distill.teachers.live import LiveTeacherSource, body_hidden
+from distill.teachers.live import LiveTeacherSource
+
+FORWARD_KL = DivergenceSpec(name="forward_kl")
+REVERSE_KL = DivergenceSpec(name="reverse_kl")
 
 
 @torch.no_grad()
@@ -54,18 +59,22 @@ def evaluate(
         prompt_len = torch.tensor([examples[i].prompt_len for i in idx], device=device)
         answer_pos = (batch.position_ids + 1 - prompt_len[:, None])[select]
         targets = batch.targets[select]
-        hidden = body_hidden(student, batch)[select]
+        hidden = batch_hidden(student, batch)[select]
         signal = teacher.signal(batch, select) if teacher is not None else None
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
-            s_logp = torch.log_softmax(head(hidden[start:end])[:, :vocab_size].float(), dim=-1)
+            s_logits = head(hidden[start:end])[:, :vocab_size].float()
+            s_logp = torch.log_softmax(s_logits, dim=-1)
             tgt = targets[start:end]
             sums["nll"] += float(-s_logp.gather(1, tgt[:, None]).sum())
             if signal is not None:
-                t_logp = torch.log_softmax(signal.logits(start, end), dim=-1)
-                kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+                t_logits = signal.logits(start, end)
+                t_logp = torch.log_softmax(t_logits, dim=-1)
+                # through losses/, with the training loss's log-prob floor: a teacher with -inf logits
+                # gives the same finite numbers here as in training
+                kl = divergence_per_token(s_logits, t_logits, FORWARD_KL)
                 sums["kl"] += float(kl.sum())
-                sums["reverse_kl"] += float((s_logp.exp() * (s_logp - t_logp)).sum())
+                sums["reverse_kl"] += float(divergence_per_token(s_logits, t_logits, REVERSE_KL).sum())
                 sums["top1"] += float((t_logp.argmax(-1) == s_logp.argmax(-1)).sum())
                 sums["teacher_nll"] += float(-t_logp.gather(1, tgt[:, None]).sum())
                 pos = answer_pos[start:end]

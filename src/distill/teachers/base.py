@@ -61,5 +61,9 @@ class TeacherSource(ABC):
     def signal(self, batch: Batch, select: torch.Tensor) -> AnySignal:
         """Teacher distribution at positions where `select` (B, L) is True."""
 
+    def module(self) -> torch.nn.Module | None:
+        """The teacher's weights when they live in this process (moved to the training device)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook; live teachers hold nothing to release
         """Release servers, files or memory."""

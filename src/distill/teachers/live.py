@@ -12,19 +12,10 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.data.batching import Batch
+from distill.errors import CompatibilityError
+from distill.models.body import batch_hidden
 from distill.teachers.base import TeacherSignal, TeacherSource
 from distill.teachers.prefix_cache import PrefixCache
-
-
-def body_hidden(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
-    """Final (normed) hidden states (B, L, H) of a causal LM without computing its LM head."""
-    out = model.base_model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    )
-    return out.last_hidden_state
 
 
 class LiveTeacherSource(TeacherSource):
@@ -37,13 +28,16 @@ class LiveTeacherSource(TeacherSource):
         self.vocab_size = vocab_size
         head = model.get_output_embeddings()
         if head is None:
-            raise ValueError("teacher has no LM head")
+            raise CompatibilityError("teacher.model: the teacher has no LM head (a causal LM is needed)")
         self.head = head
         self.prefix = PrefixCache(model) if prefix_cache else None
 
+    def module(self) -> torch.nn.Module:
+        return self.model
+
     @torch.no_grad()
     def signal(self, batch: Batch, select: torch.Tensor) -> TeacherSignal:
-        full = self.prefix.hidden(batch) if self.prefix is not None else body_hidden(self.model, batch)
+        full = self.prefix.hidden(batch) if self.prefix is not None else batch_hidden(self.model, batch)
         hidden = full[select]
         vocab = self.vocab_size
 

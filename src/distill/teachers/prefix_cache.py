@@ -24,6 +24,7 @@ not re-checked.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -32,6 +33,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from distill.data.batching import Batch
+from distill.models.body import batch_hidden
 
 _Entry = tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]  # per-layer (K, V); hidden (1, P, H)
 
@@ -71,6 +73,13 @@ class PrefixCache:
         self.verified = False
         self.tokens_saved = 0  # row tokens served from cached prefixes (for benchmarks and logs)
         self._weights_version = self._version()
+
+    @property
+    def _cache_arg(self) -> str:
+        """The name the model's forward takes a K/V cache under: `cache` in current transformers
+        (`past_key_values` is deprecated there, removed in 5.40), `past_key_values` before."""
+        params = inspect.signature(self.model.base_model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
     def _version(self) -> int:
         """Sum of the parameters' in-place modification counters: changes whenever any weight is written
@@ -118,20 +127,14 @@ class PrefixCache:
         warnings.warn(f"teacher prefix cache off: {why}", RuntimeWarning, stacklevel=3)
 
     def _plain(self, batch: Batch) -> torch.Tensor:
-        out = self.model.base_model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        )
-        return out.last_hidden_state
+        return batch_hidden(self.model, batch)
 
     def _entry(self, key: tuple[int, ...], device: torch.device) -> _Entry:
         if key in self.entries:
             self.entries.move_to_end(key)
             return self.entries[key]
         out = self.model.base_model(input_ids=torch.tensor([key], device=device), use_cache=True)
-        cache: Any = out.past_key_values
+        cache: Any = out.get("cache") or out.get("past_key_values")
         entry = ([(layer.keys, layer.values) for layer in cache.layers], out.last_hidden_state)
         self.entries[key] = entry
         while len(self.entries) > self.capacity:
@@ -150,8 +153,8 @@ class PrefixCache:
             input_ids=batch.input_ids[:, plen:],
             attention_mask=batch.attention_mask,  # past + current positions
             position_ids=batch.position_ids[:, plen:],
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_arg: cache},
         )
         self.tokens_saved += plen * bsz
         return torch.cat([prefix_hidden.expand(bsz, -1, -1), out.last_hidden_state], dim=1)

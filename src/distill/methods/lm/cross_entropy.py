@@ -5,25 +5,23 @@ from __future__ import annotations
 
 import torch
 
+from distill.data.batching import Batch
 from distill.losses.fused_head import chunked_head_loss
-from distill.methods.base import METHODS, Method, StepInput, student_rows
-from distill.recipe import SFTConfig, SeqKD
+from distill.methods.base import METHODS, StepContext
+from distill.methods.lm.base import LMMethod
 
 
-class _CrossEntropy(Method):
-    def __init__(self, cfg: SeqKD | SFT) -> None:
-        self.cfg = cfg
-
-    def step(self, inp: StepInput) -> tuple[torch.Tensor, dict[str, float]]:
-        hidden, weight, targets, _ = student_rows(inp)
+class _CrossEntropy(LMMethod):
+    def loss(self, ctx: StepContext, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        rows = self.student_rows(ctx, batch)
         loss, parts = chunked_head_loss(
-            hidden,
-            weight,
-            labels=targets,
+            rows.hidden,
+            rows.weight,
+            labels=rows.targets,
             kd_weight=0.0,
             ce_weight=1.0,
-            normalizer=inp.normalizer,
-            chunk_size=inp.chunk_size,
+            normalizer=ctx.normalizer,
+            chunk_size=self.lm.chunk_size,
         )
         return loss, {k: float(v) for k, v in parts.items()}
 
@@ -31,7 +29,6 @@ class _CrossEntropy(Method):
 @METHODS.register("seq_kd")
 class SeqKDMethod(_CrossEntropy):
     name = "seq_kd"
-    needs_generated_data = True
 
 
 @METHODS.register("sft")

@@ -8,51 +8,50 @@ from __future__ import annotations
 
 import torch
 
+from distill.configs.lm import LogitKDConfig
+from distill.data.batching import Batch
 from distill.errors import CompatibilityError
 from distill.losses.fused_head import chunked_head_loss
 from distill.losses.sparse import SparseTopK
 from distill.losses.tokens import DivergenceSpec
-from distill.methods.base import METHODS, Method, StepInput, student_rows
-from distill.recipe import LogitKDConfig
+from distill.methods.base import METHODS, StepContext
+from distill.methods.lm.base import LMContext, LMMethod
 from distill.teachers.base import SparseTeacherSignal, TeacherSignal
 
 
 @METHODS.register("logit_kd")
-class LogitKD(Method):
+class LogitKD(LMMethod):
     name = "logit_kd"
-    needs_teacher = True
+    uses_teacher = True
 
-    def __init__(self, cfg: LogitKDConfig) -> None:
-        self.cfg = cfg
-        self.spec = DivergenceSpec(
-            name=cfg.divergence, temperature=cfg.temperature, beta=cfg.beta, alpha=cfg.alpha
-        )
+    def __init__(self, cfg: LogitKDConfig, ctx: LMContext) -> None:
+        super().__init__(cfg, ctx)
+        self.spec = DivergenceSpec(name=cfg.divergence, temperature=cfg.temperature, beta=cfg.beta, alpha=cfg.alpha)
 
-    def step(self, inp: StepInput) -> tuple[torch.Tensor, dict[str, float]]:
-        assert inp.teacher is not None, "logit_kd needs a teacher"
-        hidden, weight, targets, select = student_rows(inp)
-        signal = inp.teacher.signal(inp.batch, select)
-        if signal.num_rows != hidden.shape[0]:
-            raise CompatibilityError(
-                f"teacher gave {signal.num_rows} positions for {hidden.shape[0]} answer tokens"
-            )
+    def loss(self, ctx: StepContext, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        teacher = self.lm.teacher
+        assert teacher is not None
+        rows = self.student_rows(ctx, batch)
+        signal = teacher.signal(batch, rows.select)
+        if signal.num_rows != rows.hidden.shape[0]:
+            raise CompatibilityError(f"teacher gave {signal.num_rows} positions for {rows.hidden.shape[0]} answer tokens")
         dense = signal.logits if isinstance(signal, TeacherSignal) else None
         fresh = isinstance(signal, TeacherSignal) and signal.fresh
         sparse = None
         if isinstance(signal, SparseTeacherSignal):
-            device = hidden.device
+            device = rows.hidden.device
             sparse = SparseTopK(signal.ids.to(device), signal.logprobs.to(device), signal.temperature, self.cfg.tail)
         loss, parts = chunked_head_loss(
-            hidden,
-            weight,
-            labels=targets if self.cfg.ce_weight > 0 else None,
+            rows.hidden,
+            rows.weight,
+            labels=rows.targets if self.cfg.ce_weight > 0 else None,
             teacher_logits=dense,
             teacher_topk=sparse,
             spec=self.spec,
             kd_weight=self.cfg.kd_weight,
             ce_weight=self.cfg.ce_weight,
-            normalizer=inp.normalizer,
-            chunk_size=inp.chunk_size,
+            normalizer=ctx.normalizer,
+            chunk_size=self.lm.chunk_size,
             teacher_logits_fresh=fresh,
         )
         return loss, {k: float(v) for k, v in parts.items()}
