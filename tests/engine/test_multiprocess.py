@@ -10,11 +10,10 @@ import torch.multiprocessing as mp
 from distill.data.batching import collate
 from distill.engine.trainer import accumulate_gradients
 from distill.methods.lm.logit_kd import LogitKD
-from distill.models.body import LMBody
 from distill.recipe import LogitKDConfig
 from distill.teachers.live import LiveTeacherSource
 from tests.conftest import tiny_llama
-from tests.engine.test_accumulation import V, _examples
+from tests.engine.test_accumulation import V, _examples, lm_ctx
 
 GROUPS = {0: [[0, 1], [2]], 1: [[3, 4, 5]]}  # uneven token counts per process on purpose
 
@@ -27,14 +26,15 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
     torch.set_num_threads(1)
     acc = Accelerator(cpu=True)
-    student = acc.prepare(LMBody(tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=1)))
     teacher = LiveTeacherSource(tiny_llama(vocab=V, layers=3, dtype=torch.float64, seed=2), V)
-    method = LogitKD(LogitKDConfig(divergence="jsd", ce_weight=0.3))
+    student = tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=1)
+    method = LogitKD(LogitKDConfig(divergence="jsd", ce_weight=0.3), lm_ctx(student, teacher, chunk_size=4))
+    wrapped = {name: acc.prepare(m) for name, m in method.modules().items()}
     exs = _examples()
     micro = [collate(exs, [[i] for i in g], pad_id=0, packing=False) for g in GROUPS[rank]]
-    accumulate_gradients(acc, student, method, micro, teacher, chunk_size=4, vocab_size=V)
+    accumulate_gradients(acc, method, wrapped, micro)
     if rank == 0:
-        lm = acc.unwrap_model(student).lm
+        lm = student
         grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
         torch.save(grads, out)
     acc.wait_for_everyone()
@@ -56,10 +56,10 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
 
     student = tiny_llama(vocab=V, layers=2, dtype=torch.float64, seed=1)
     teacher = LiveTeacherSource(tiny_llama(vocab=V, layers=3, dtype=torch.float64, seed=2), V)
-    method = LogitKD(LogitKDConfig(divergence="jsd", ce_weight=0.3))
+    method = LogitKD(LogitKDConfig(divergence="jsd", ce_weight=0.3), lm_ctx(student, teacher, chunk_size=4))
     exs = _examples()
     micro = [collate(exs, [[i] for i in range(6)], pad_id=0, packing=False)]
-    accumulate_gradients(Accelerator(cpu=True), student, method, micro, teacher, chunk_size=4, vocab_size=V)
+    accumulate_gradients(Accelerator(cpu=True), method, method.modules(), micro)
     single = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
     assert single.keys() == multi.keys()
     for name in single:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.engine.trainer import make_adamw
+from distill.engine.optim import group_settings, make_adamw
 from distill.recipe import TrainConfig
 
 
@@ -16,7 +16,7 @@ def _params(seed: int) -> list[torch.nn.Parameter]:
 def test_fused_on_cpu_and_same_update_as_per_tensor() -> None:
     cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
     fused_params, plain_params = _params(0), _params(0)
-    fused = make_adamw(fused_params, cfg)
+    fused = make_adamw(fused_params, group_settings(cfg, "main"))
     assert fused.defaults["fused"] is True
     plain = torch.optim.AdamW(plain_params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     for step in range(5):
@@ -28,3 +28,9 @@ def test_fused_on_cpu_and_same_update_as_per_tensor() -> None:
         plain.step()
     for a, b in zip(fused_params, plain_params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_group_settings_override_train_defaults() -> None:
+    cfg = TrainConfig.model_validate({"lr": 1e-3, "optimizers": {"critic": {"lr": 5e-4, "max_grad_norm": 3.0}}})
+    assert group_settings(cfg, "critic")["lr"] == 5e-4 and group_settings(cfg, "critic")["max_grad_norm"] == 3.0
+    assert group_settings(cfg, "main")["lr"] == 1e-3 and group_settings(cfg, "main")["max_grad_norm"] == 1.0

@@ -5,12 +5,19 @@ from __future__ import annotations
 import copy
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from distill.eval.report import fmt_num, fmt_ratio, format_table, read_metrics, write_report
+from distill.eval.report import write_report
+from distill.eval.report_doc import format_table
+from distill.eval.report_format import fmt_num, fmt_ratio
+from distill.eval.report_run import read_metrics
+from distill.eval.report_text import summary_lines
+from distill.stats import summarise_seeds
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RECIPE = "name: quickstart\nmethod:\n  name: logit_kd\n"
@@ -186,3 +193,82 @@ def test_formatting() -> None:
     table = format_table(["a", "b"], [["x|y", "1"], ["z"]], align=["l", "r"])
     lines = table.splitlines()
     assert lines[1] == "| ---- | --: |" and "x\\|y" in lines[2] and len({len(line) for line in lines}) == 1
+
+
+def _multi_seed_method(name: str, kls: list[float], method: dict[str, Any]) -> dict[str, Any]:
+    """The multi-seed entry shape: per-seed entries under "seeds", the mean eval and its t interval."""
+    seeds = {str(s): {**_method(name, kl), "method": method} for s, kl in enumerate(kls)}
+    summary = summarise_seeds({s: e["after"] for s, e in seeds.items()})
+    return {"method": method, "seeds": seeds, "after": summary["mean"], "after_interval": summary["interval"]}
+
+
+@pytest.fixture
+def multi_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    multi = copy.deepcopy(summary)
+    multi["seeds"] = [0, 1, 2]
+    multi["methods"] = {
+        "logit_kd": _multi_seed_method("logit_kd", [0.4, 0.5, 0.6], {"name": "logit_kd"}),
+        "jsd_t2": _multi_seed_method("jsd_t2", [0.9, 1.0, 1.4], {"name": "jsd", "label": "jsd_t2"}),
+    }
+    before = summarise_seeds({"0": _eval(2.0), "1": _eval(2.2), "2": _eval(1.8)})
+    multi["before"], multi["before_interval"] = before["mean"], before["interval"]
+    return multi
+
+
+def test_multi_seed_report(tmp_path: Path, multi_summary: dict[str, Any]) -> None:
+    for name in ("logit_kd", "jsd_t2"):
+        for seed in range(3):
+            folder = tmp_path / "methods" / name / f"seed-{seed}"
+            folder.mkdir(parents=True)
+            rows = [{"step": s, "loss": (1.0 + 0.1 * seed) / s**0.5} for s in range(1, 41)]
+            (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(tmp_path, multi_summary, RECIPE)
+    _assert_png(tmp_path / "loss_curves.png")
+    _assert_png(tmp_path / "kl_by_position.png")
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "mean over 3 seeds, 95 % t interval" in md
+    assert "`logit_kd` compared against `jsd_t2` (jsd)" in md and "(3 seeds: 0, 1, 2)" in md
+    results = md.split("## Training")[0]
+    # KL over seeds [0.4, 0.5, 0.6]: mean 0.5, half-width 4.3027 * 0.1 / sqrt(3) = 0.2484
+    row = next(line for line in results.splitlines() if line.startswith("| logit_kd (primary) "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "0.5000 (0.2516–0.7484)" and cells[2] == "0.4500 (0.2264–0.6736)"
+    assert cells[3] == "62.0%" and cells[4] == "2.050"  # the same in every seed: no zero-width brackets
+    assert cells[6] == "0.25×"  # ratio of the means, 0.5 / 2.0
+    # before: KL over [2.0, 2.2, 1.8], half-width 4.3027 * 0.2 / sqrt(3) = 0.4968
+    assert "2.000 (1.503–2.497)" in results
+    assert "logit_kd (primary), seed 2" in results and "jsd_t2 (baseline), seed 0" in results
+    training = md.split("## Training")[1].split("## Timing")[0]
+    assert training.count(", seed ") == 6
+    timing = md.split("## Timing")[1].split("## Plots")[0]
+    assert "train logit_kd (3 seeds)" in timing and "15m 00s" in timing  # 3 x 300 s
+
+
+def test_single_seed_report_has_no_interval_line(run_dir: Path, summary: dict[str, Any]) -> None:
+    write_report(run_dir, summary, RECIPE)
+    md = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert "t interval" not in md and ", seed " not in md and "–0." not in md.split("## Training")[0]
+
+
+def test_importing_the_report_does_not_import_matplotlib_or_torch() -> None:
+    """The pipeline and the CLI import these at start-up; plotting libraries load only to draw."""
+    code = (
+        "import sys, distill.eval.report, distill.eval.report_text, distill.stats; "
+        "print(sorted(m for m in ('matplotlib', 'torch', 'scipy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_summary_lines(summary: dict[str, Any], multi_summary: dict[str, Any]) -> None:
+    lines = summary_lines(summary)
+    assert len(lines) == 4 and lines[0].split()[:3] == ["model", "KL", "reverse"]
+    assert lines[1].startswith("student before training") and lines[2].startswith("logit_kd ")
+    assert lines[3].startswith("seq_kd ") and "±" not in "".join(lines)
+    assert lines[2].split()[1:] == ["0.5000", "0.4500", "62.0%", "2.050"]
+    assert len({len(line) for line in lines}) == 1  # columns line up
+    multi = summary_lines(multi_summary)
+    assert multi[1].startswith("student before training") and "2.000 ± 0.50" in multi[1]
+    assert multi[2].startswith("logit_kd ") and multi[3].startswith("jsd_t2 ")
+    assert "0.5000 ± 0.25" in multi[2] and "62.0% ± 0.0%" in multi[2]
+    assert len(summary_lines({})) == 1 and summary_lines({})[0].startswith("model")

@@ -10,11 +10,11 @@ from transformers import AutoTokenizer
 from distill.data.batching import collate
 from distill.data.tokenize import TokenizedExample
 from distill.errors import CompatibilityError
-from distill.methods.base import StepInput
+from distill.methods.base import Phase, StepContext
+from distill.methods.lm.base import LMContext
 from distill.methods.lm.logit_kd import LogitKD
 from distill.models.loading import shared_vocab
 from distill.recipe import LogitKDConfig
-from distill.models.body import batch_hidden
 from distill.teachers.live import LiveTeacherSource
 from tests.conftest import tiny_llama
 
@@ -26,9 +26,9 @@ def test_padded_teacher_head_is_sliced(smol_tokenizer_dir: Path) -> None:
     vocab = shared_vocab(tok, teacher, student, tok)
     assert vocab == len(tok) == 49152
     batch = collate([TokenizedExample(list(range(100, 120)), prompt_len=5)], [[0]], pad_id=0, packing=False)
-    loss, parts = LogitKD(LogitKDConfig()).step(
-        StepInput(student=student, hidden=lambda b: batch_hidden(student, b), batch=batch, teacher=LiveTeacherSource(teacher, vocab), normalizer=15.0, chunk_size=4, vocab_size=vocab)
-    )
+    method = LogitKD(LogitKDConfig(), LMContext(student, LiveTeacherSource(teacher, vocab), vocab, chunk_size=4))
+    ctx = StepContext(modules=method.modules(), normalizer=15.0, phase=Phase(), step=0, device=torch.device("cpu"))
+    loss, parts = method.loss(ctx, batch)
     assert torch.isfinite(loss) and parts["kd"] > 0
     loss.backward()
 

@@ -77,23 +77,30 @@ def _build_groups(method: Method, cfg: TrainConfig, acc: Accelerator, wrapped: d
     return out
 
 
-def _one_update(
-    acc: Accelerator,
-    method: Method,
-    stream: Stream,
-    wrapped: dict[str, torch.nn.Module],
-    phase: Phase,
-    step: int,
-    grad_accum: int,
-) -> tuple[float, dict[str, float], dict[str, float]]:
-    """Prepare and back-propagate the micro-batches of one optimizer update of `phase`.
-
-    Returns (loss units of the update on all processes, {"loss", parts...} as global means, batch stats)."""
+def next_micro_batches(acc: Accelerator, method: Method, stream: Stream, phase: Phase, grad_accum: int) -> list[Any]:
+    """The micro-batches of one update, on the device, prepared by the method without gradients."""
     micro = []
     for _ in range(grad_accum):
         batch = stream.next_batch().to(acc.device)
         with torch.no_grad():
             micro.append(method.prepare(batch, phase))
+    return micro
+
+
+def accumulate_gradients(
+    acc: Accelerator,
+    method: Method,
+    wrapped: dict[str, torch.nn.Module],
+    micro: list[Any],
+    phase: Phase | None = None,
+    step: int = 0,
+) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Back-propagate the (prepared) micro-batches of one optimizer update of `phase`.
+
+    Every micro-batch's loss is divided by the loss units of the whole update on all processes, so k
+    micro-batches of B/k give the same gradient as one batch of B, and N processes the same as one.
+    Returns (loss units on all processes, {"loss", parts...} as global means, summed batch stats)."""
+    phase = phase or method.phases()[0]
     local = torch.tensor([sum(float(method.loss_units(b, phase)) for b in micro)], dtype=torch.float64, device=acc.device)
     total_units = float(acc.gather(local).sum())
     # DDP averages gradients over processes, so each process divides by total/world to get a sum.
@@ -111,7 +118,7 @@ def _one_update(
             acc.backward(loss)
         for k, v in {"loss": float(loss.detach()), **parts}.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v / acc.num_processes
-        for k, v in batch.stats().items():
+        for k, v in (batch.stats() if hasattr(batch, "stats") else {}).items():
             stats[k] = stats.get(k, 0.0) + float(v)
     if acc.num_processes > 1 and parts_sum:  # each process holds its share of the global mean
         summed = acc.reduce(torch.tensor(list(parts_sum.values()), device=acc.device), reduction="sum")
@@ -185,7 +192,8 @@ def train(
             group = groups[phase.group]
             prefix = f"{phase.group}/" if len(phases) > 1 else ""
             for _ in range(phase.updates):
-                units, parts, batch_stats = _one_update(acc, method, stream, wrapped, phase, step, cfg.grad_accum)
+                micro = next_micro_batches(acc, method, stream, phase, cfg.grad_accum)
+                units, parts, batch_stats = accumulate_gradients(acc, method, wrapped, micro, phase, step)
                 grad_norm = None
                 if group.max_grad_norm is not None:
                     grad_norm = float(acc.clip_grad_norm_(group.params, group.max_grad_norm))

@@ -21,8 +21,8 @@ from distill.data.tokenize import TokenizedExample, tokenize_examples
 from distill.errors import InputError, RecipeError
 from distill.eval.metrics import evaluate
 from distill.families.base import FAMILIES, Family
-from distill.methods import METHODS
-from distill.methods.base import Method
+from distill.methods.base import METHODS, Method
+from distill.methods.lm import cross_entropy, logit_kd  # noqa: F401 - registers the LM methods
 from distill.methods.lm.base import LMContext, LMMethod
 from distill.models.loading import load_tokenizer, shared_vocab
 from distill.models.student import build_student

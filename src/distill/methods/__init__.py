@@ -1,8 +1,2 @@
-"""Method plugins. Importing this package registers the built-in methods."""
-
-from distill.methods import base
-from distill.methods.lm import cross_entropy, logit_kd
-
-METHODS = base.METHODS
-
-__all__ = ["METHODS", "cross_entropy", "logit_kd"]
+"""Method plugins, by family (methods/lm/, ...). The interface lives in `base`; a family module imports
+its methods, which registers them (importing this package alone loads no model library)."""
