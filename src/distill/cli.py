@@ -3,6 +3,7 @@ raises typed errors, turned here into one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,21 +91,21 @@ class RichProgress:
         console.print("  ".join(p for p in parts if p), markup=False, highlight=False)
 
 
-def _summary_table(summary: dict) -> Table:  # type: ignore[type-arg]
-    table = Table(title=f"held-out results: {summary.get('name')}")
-    for col in ("model", "KL(t||s)", "reverse KL", "top-1 agree", "student NLL"):
-        table.add_column(col)
+def _print_summary(summary: dict) -> None:  # type: ignore[type-arg]
+    from distill.eval.report_text import summary_lines
 
-    def row(label: str, ev: dict | None) -> None:  # type: ignore[type-arg]
-        if not ev:
-            return
-        fmt = [ev.get(k) for k in ("kl", "reverse_kl", "top1_agreement", "student_nll")]
-        table.add_row(label, *("-" if v is None else f"{v:.4f}" for v in fmt))
+    seeds = summary.get("seeds") or []
+    title = f"held-out results: {summary.get('name')}"
+    if len(seeds) > 1:
+        title += f" (mean ± half-width of the 95 % t interval over seeds {seeds})"
+    out.print(title, markup=False, highlight=False)
+    for line in summary_lines(summary):
+        out.print(line, markup=False, highlight=False)
 
-    row("student before", summary.get("before"))
-    for name, res in summary.get("methods", {}).items():
-        row(name, res.get("after"))
-    return table
+
+def _is_main_process() -> bool:
+    """Under torchrun / accelerate launch every process runs the CLI; only rank 0 prints results."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _run(recipe_name: str, overrides: list[str] | None, resume: bool) -> None:
@@ -117,9 +118,10 @@ def _run(recipe_name: str, overrides: list[str] | None, resume: bool) -> None:
         summary = run_recipe(recipe, resume=resume, progress=progress)
     finally:
         progress.finish()
-    out.print(_summary_table(summary))
-    run_dir = recipe.run_dir()
-    out.print(f"report: {run_dir / 'report.md'} (and report.html); total {summary['timing']['total_s']:.0f} s")
+    if _is_main_process():
+        _print_summary(summary)
+        run_dir = recipe.run_dir()
+        out.print(f"report: {run_dir / 'report.md'} (and report.html); total {summary['timing']['total_s']:.0f} s")
 
 
 @app.command()
@@ -184,7 +186,7 @@ def eval_cmd(
         result, path = evaluate_saved(r, student, output, progress)
     finally:
         progress.finish()
-    out.print(_summary_table({"name": str(student), "methods": {"student": {"after": result}}}))
+    _print_summary({"name": str(student), "methods": {"student": {"after": result}}})
     out.print(f"wrote {path}")
 
 
@@ -223,7 +225,29 @@ def cache(recipe: str, set_: SetOpt = None) -> None:
     out.print(f"cache: {info['path']} ({info['tokens']} tokens, {info['bytes_per_token']:.1f} bytes/token)")
 
 
+# Set before transformers, huggingface_hub, datasets or tqdm is imported (each reads these once, at import):
+# distill loads local models only, and draws its own progress, which library bars would interleave with.
+_LIBRARY_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+_BARS_OFF = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+
+def _configure_libraries() -> None:
+    """Quiet the libraries for this process (the CLI owns it; library code changes no global state).
+    Library progress bars are off; a user's own setting wins on a terminal, but never in a log file or
+    pipe, where a bar's carriage returns become thousands of lines (the GGUF de-quantisation bar)."""
+    for key, value in _LIBRARY_ENV.items():
+        os.environ.setdefault(key, value)
+    terminal = sys.stderr.isatty()
+    for key, value in _BARS_OFF.items():
+        if terminal:
+            os.environ.setdefault(key, value)
+        else:
+            os.environ[key] = value
+
+
 def main() -> None:
+    """The `distill` entry point: configure the libraries, run the command, turn typed errors into one line."""
+    _configure_libraries()
     try:
         app(standalone_mode=False)
     except DistillError as err:

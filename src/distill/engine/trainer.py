@@ -121,7 +121,7 @@ def accumulate_gradients(
         for k, v in (batch.stats() if hasattr(batch, "stats") else {}).items():
             stats[k] = stats.get(k, 0.0) + float(v)
     if acc.num_processes > 1 and parts_sum:  # each process holds its share of the global mean
-        summed = acc.reduce(torch.tensor(list(parts_sum.values()), device=acc.device), reduction="sum")
+        summed = acc.reduce(torch.tensor(list(parts_sum.values()), dtype=torch.float64, device=acc.device), reduction="sum")
         parts_sum = dict(zip(parts_sum, summed.tolist(), strict=True))
     return total_units, parts_sum, stats
 
