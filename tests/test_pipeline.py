@@ -85,3 +85,37 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, tiny_teacher_
     rows_a = (tmp_path / "straight" / "methods" / "logit_kd" / "metrics.jsonl").read_text().splitlines()
     rows_b = (tmp_path / "killed" / "methods" / "logit_kd" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["loss"] for r in rows_a] == [json.loads(r)["loss"] for r in rows_b]
+
+
+def test_seeds_and_labelled_variants_give_mean_and_interval(tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path) -> None:
+    rec = tiny_recipe(tiny_teacher_dir, prompts_file, tmp_path / "run")
+    rec["method"] = {"name": "logit_kd", "label": "fwd_kl"}
+    rec["baselines"] = [{"name": "logit_kd", "label": "jsd", "divergence": "jsd"}]
+    rec["seeds"] = [0, 1, 2]
+    rec["train"]["steps"] = 2
+    path = tmp_path / "seeds.yaml"
+    path.write_text(yaml.safe_dump(rec))
+    done = subprocess.run(_cli("run", str(path)), capture_output=True, text=True, check=True)
+    assert "95 % t interval over seeds [0, 1, 2]" in done.stdout and "±" in done.stdout, done.stdout
+    summary = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert list(summary["methods"]) == ["fwd_kl", "jsd"]
+    for label in ("fwd_kl", "jsd"):
+        entry = summary["methods"][label]
+        assert sorted(entry["seeds"]) == ["0", "1", "2"]
+        lo, hi = entry["after_interval"]["kl"]
+        kls = [entry["seeds"][s]["after"]["kl"] for s in ("0", "1", "2")]
+        assert lo <= sum(kls) / 3 <= hi and lo < hi
+        for s in (0, 1, 2):
+            assert (tmp_path / "run" / "methods" / label / f"seed-{s}" / "student" / "model.safetensors").is_file()
+    assert summary["methods"]["jsd"]["seeds"]["0"]["method"]["divergence"] == "jsd"
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "mean over 3 seeds" in report or "over 3 seeds" in report
+
+
+def test_same_method_twice_needs_labels(tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path) -> None:
+    rec = tiny_recipe(tiny_teacher_dir, prompts_file, tmp_path / "run")
+    rec["baselines"] = [{"name": "logit_kd", "divergence": "jsd"}]
+    path = tmp_path / "dup.yaml"
+    path.write_text(yaml.safe_dump(rec))
+    done = subprocess.run(_cli("validate", str(path)), capture_output=True, text=True)
+    assert done.returncode == 2 and "distinct labels" in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -98,9 +98,9 @@ def _print_summary(summary: dict) -> None:  # type: ignore[type-arg]
     title = f"held-out results: {summary.get('name')}"
     if len(seeds) > 1:
         title += f" (mean ± half-width of the 95 % t interval over seeds {seeds})"
-    out.print(title, markup=False, highlight=False)
+    out.print(title, markup=False, highlight=False, soft_wrap=True)
     for line in summary_lines(summary):
-        out.print(line, markup=False, highlight=False)
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _is_main_process() -> bool:
@@ -121,7 +121,7 @@ def _run(recipe_name: str, overrides: list[str] | None, resume: bool) -> None:
     if _is_main_process():
         _print_summary(summary)
         run_dir = recipe.run_dir()
-        out.print(f"report: {run_dir / 'report.md'} (and report.html); total {summary['timing']['total_s']:.0f} s")
+        out.print(f"report: {run_dir / 'report.md'} (and report.html); total {summary['timing']['total_s']:.0f} s", soft_wrap=True)
 
 
 @app.command()
