@@ -45,14 +45,16 @@ from transformers import AutoModelForCausalLM
 from distill.data.batching import IGNORE, Batch, collate, plan_batches
 from distill.data.generate import generate_completions
 from distill.data.records import Example, read_examples
-from distill.io import write_jsonl_atomic
 from distill.data.tokenize import TokenizedExample, tokenize_examples
+from distill.io import write_jsonl_atomic
 from distill.models.loading import load_model, tokenizer_fingerprint
 from distill.models.student import prune_depth
 from distill.pipeline import stored_train_answers
 from distill.recipe import load_recipe
 from distill.teachers.base import SparseTeacherSignal, TeacherSignal, TeacherSource
-from distill.teachers.cache import DEFAULT_VALUE_STEP, CachedTeacherSource, example_key, write_cache
+from distill.teachers.cache_format import DEFAULT_VALUE_STEP, example_key
+from distill.teachers.cache_reader import CachedTeacherSource
+from distill.teachers.cache_writer import write_cache
 from distill.teachers.live import LiveTeacherSource
 
 ROOT = Path(__file__).resolve().parents[1]

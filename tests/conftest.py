@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +85,23 @@ def tiny_recipe(teacher_dir: Path, train: Path, out: Path, **overrides: object) 
     }
     recipe.update(overrides)
     return recipe
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants (torchrun starts its workers in sessions of their own)."""
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    os.kill(pid, signal.SIGSTOP)  # no respawn while the tree is taken down
+    for child in children:
+        kill_tree(int(child))
+    os.kill(pid, signal.SIGKILL)
+
+
+def kill_after_first_checkpoint(cmd: list[str], ckpts: Path, **popen: object) -> None:
+    """Start `cmd`, SIGKILL it (and its workers) as soon as a checkpoint folder appears in `ckpts`."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)  # type: ignore[call-overload]
+    deadline = time.time() + 300
+    while not list(ckpts.glob("step-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    kill_tree(proc.pid)
+    proc.wait()
+    assert list(ckpts.glob("step-*")), "no checkpoint was written before the kill"

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 
 from distill.pipeline import run_recipe
 from distill.recipe import parse_recipe
-from tests.conftest import tiny_recipe
+from tests.conftest import kill_after_first_checkpoint, tiny_recipe
 
 
 def test_run_writes_everything(tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path) -> None:
@@ -63,14 +61,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, tiny_teacher_
     subprocess.run(_cli("run", str(straight)), check=True, env=env, capture_output=True)
 
     killed = _write_recipe(tmp_path, tiny_teacher_dir, train, tmp_path / "killed")
-    proc = subprocess.Popen(_cli("run", str(killed)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "killed" / "methods" / "logit_kd" / "checkpoints"
-    deadline = time.time() + 300
-    while not list(ckpts.glob("step-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert list(ckpts.glob("step-*")), "no checkpoint was written before the kill"
+    kill_after_first_checkpoint(_cli("run", str(killed)), tmp_path / "killed" / "methods" / "logit_kd" / "checkpoints", env=env)
     assert not (tmp_path / "killed" / "methods" / "logit_kd" / "student").exists(), "run finished before the kill"
 
     subprocess.run(_cli("run", str(killed), "--resume"), check=True, env=env, capture_output=True)

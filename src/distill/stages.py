@@ -71,7 +71,7 @@ def generate_file(recipe: Recipe, input_path: str, output: Path, progress: Progr
 
 def cache_teacher(recipe: Recipe, progress: Progress) -> dict[str, Any]:
     """Run the recipe's (live or served) teacher once over the training data and store its top-k."""
-    from distill.teachers.cache import write_cache
+    from distill.teachers.cache_writer import write_cache
 
     if recipe.teacher is None or recipe.teacher.kind == "cache":
         raise RecipeError("teacher.kind: `distill cache` runs a live or served teacher")

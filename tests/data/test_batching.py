@@ -2,7 +2,7 @@ import torch
 
 from distill.data.batching import IGNORE, BatchStream, collate, plan_batches
 from distill.data.tokenize import TokenizedExample
-from distill.teachers.live import body_hidden
+from distill.models.body import batch_hidden
 from tests.conftest import tiny_llama
 
 

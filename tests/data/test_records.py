@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from distill.data.records import read_examples
-from distill.io import write_jsonl_atomic
 from distill.errors import InputError
+from distill.io import write_jsonl_atomic
 
 
 def test_generated_rows_round_trip_with_the_finished_flag(tmp_path: Path) -> None:

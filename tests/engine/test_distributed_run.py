@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from safetensors.torch import load_file
 
 from distill.data.batching import BatchStream
 from distill.data.tokenize import TokenizedExample
+from tests.conftest import kill_after_first_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -57,15 +56,6 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
     for k in a:
         assert a[k].dtype == torch.float64
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL the launcher and its workers (torchrun starts them in sessions of their own)."""
-    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
-    os.kill(pid, signal.SIGSTOP)  # no respawn while the tree is taken down
-    for child in children:
-        _kill_tree(int(child))
-    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +118,7 @@ def test_two_processes_sigkill_then_resume(tmp_path: Path, tiny_teacher_dir: Pat
     subprocess.run([sys.executable, "-m", "distill.cli", "run", str(one)], check=True, env=_env(), capture_output=True, cwd=ROOT)
     two = _recipe(tmp_path, tiny_teacher_dir, data, "two", batch_size=2, checkpoint_every=2)
     ckpts = tmp_path / "two" / "methods" / "logit_kd" / "checkpoints"
-    proc = subprocess.Popen(_torchrun("run", str(two)), env=_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while not list(ckpts.glob("step-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    _kill_tree(proc.pid)
-    proc.wait()
-    assert list(ckpts.glob("step-*")), "no checkpoint before the kill"
+    kill_after_first_checkpoint(_torchrun("run", str(two)), ckpts, env=_env(), cwd=ROOT)
     assert not (tmp_path / "two" / "methods" / "logit_kd" / "student").exists(), "finished before the kill"
     done = subprocess.run(_torchrun("run", str(two), "--resume"), env=_env(), capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]

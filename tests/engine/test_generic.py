@@ -5,11 +5,8 @@ an EMA kept in the method's checkpointed state, and resume falling back past a d
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from safetensors.torch import load_file
 from distill.engine.trainer import train
 from distill.errors import InputError
 from distill.recipe import TrainConfig
+from tests.conftest import kill_after_first_checkpoint
 from tests.engine.toy_methods import ClassifierKD, ImageStream, small_cnn, toy_images
 from tests.engine.toy_run import run
 
@@ -45,16 +43,6 @@ def test_plain_module_classifier_trains(tmp_path: Path) -> None:
     assert accuracy > 0.9 and result.steps == 60
 
 
-def _kill_after_first_checkpoint(cmd: list[str], ckpts: Path) -> None:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list(ckpts.glob("step-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert list(ckpts.glob("step-*")), "no checkpoint was written before the kill"
-
-
 def test_two_phase_method_sigkill_resume_is_bit_identical(tmp_path: Path) -> None:
     straight = run("two_phase", tmp_path / "straight", 30, 4, resume=False)
     rows = [json.loads(r) for r in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
@@ -63,7 +51,7 @@ def test_two_phase_method_sigkill_resume_is_bit_identical(tmp_path: Path) -> Non
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "tests.engine.toy_run", "two_phase", str(killed), "30", "4"]
-    _kill_after_first_checkpoint(cmd, killed / "checkpoints")
+    kill_after_first_checkpoint(cmd, killed / "checkpoints", cwd=ROOT)
     assert not (killed / "final.safetensors").exists(), "run finished before the kill"
     subprocess.run([*cmd, "--resume"], cwd=ROOT, check=True, capture_output=True)
     assert 4 <= int((killed / "resumed_from.txt").read_text()) < 30

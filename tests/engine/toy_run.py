@@ -13,7 +13,14 @@ from safetensors.torch import save_file
 
 from distill.engine.trainer import train
 from distill.recipe import TrainConfig
-from tests.engine.toy_methods import ClassifierKD, EMAClassifierKD, ImageStream, TwoPhaseAdversarial, small_cnn, toy_images
+from tests.engine.toy_methods import (
+    ClassifierKD,
+    EMAClassifierKD,
+    ImageStream,
+    TwoPhaseAdversarial,
+    small_cnn,
+    toy_images,
+)
 
 
 def build(name: str):  # type: ignore[no-untyped-def]

@@ -15,17 +15,9 @@ from distill.data.batching import IGNORE, Batch, collate, plan_batches
 from distill.data.tokenize import TokenizedExample
 from distill.errors import CompatibilityError, InputError
 from distill.teachers.base import SparseTeacherSignal, TeacherSignal, TeacherSource
-from distill.teachers.cache import (
-    MANIFEST,
-    CachedTeacherSource,
-    _Codec,
-    _Encoder,
-    _encoding,
-    decode,
-    read_manifest,
-    verify_cache,
-    write_cache,
-)
+from distill.teachers.cache_format import MANIFEST, Codec, Encoder, decode, encoding_block, read_manifest
+from distill.teachers.cache_reader import CachedTeacherSource, verify_cache
+from distill.teachers.cache_writer import write_cache
 from distill.teachers.live import LiveTeacherSource
 from tests.conftest import tiny_llama
 
@@ -159,10 +151,10 @@ def test_codec_round_trip_large_vocab_exact_ids() -> None:
     """ids above 65535 (uint32 columns), duplicates across positions, -inf log-probs: ids come back exactly."""
     vocab, k = 152_064, 8
     rng = np.random.default_rng(0)
-    enc = _encoding(vocab, k, 0.02, 3)
+    enc = encoding_block(vocab, k, 0.02, 3)
     assert enc["id_dtype"] == "uint32"
-    codec = _Codec.from_encoding(enc, k, "test")
-    encoder = _Encoder(codec, vocab)
+    codec = Codec.from_encoding(enc, k, "test")
+    encoder = Encoder(codec, vocab)
     parts, truth = [], []
     for n in (5, 1, 9):
         pool = rng.choice(vocab, size=20, replace=False)  # positions share candidates, like a real teacher

@@ -31,10 +31,11 @@ import torch
 
 from distill.data.batching import IGNORE, Batch, collate
 from distill.data.tokenize import TokenizedExample, completion_ids, prompt_ids
-from distill.errors import DistillError, InputError
+from distill.errors import CompatibilityError, DistillError, InputError
 from distill.recipe import ModelSource, ServedTeacherConfig
-from distill.teachers import served as served_mod
-from distill.teachers.served import ServedTeacherError, ServedTeacherSource
+from distill.teachers import served_protocols
+from distill.teachers.served_client import ServedTeacherError
+from distill.teachers.served_source import ServedTeacherSource
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -455,7 +456,7 @@ def test_select_on_padding_is_refused() -> None:
     src = ServedTeacherSource(served_cfg("http://127.0.0.1:9/v1"), tokenizer=FakeTokenizer())
     batch, select = tiny_batch([3, 9])
     select[0, 5] = True
-    with pytest.raises(ValueError, match="padding"):
+    with pytest.raises(CompatibilityError, match="padding"):
         src.signal(batch, select)
     src.close()
 
@@ -691,8 +692,8 @@ def test_vllm_offset_is_proven(
     tok = smol_live.tokenizer
     batch = collate(chat_examples(tok), [[0], [1]], pad_id=tok.pad_token_id, packing=False)
     select = batch.targets != IGNORE
-    assert served_mod.PROMPT_LOGPROBS_OFFSET == 1
-    monkeypatch.setattr(served_mod, "PROMPT_LOGPROBS_OFFSET", 0)
+    assert served_protocols.PROMPT_LOGPROBS_OFFSET == 1
+    monkeypatch.setattr(served_protocols, "PROMPT_LOGPROBS_OFFSET", 0)
     assert vllm_source.check_alignment(smol_live.model, batch, select) > 1.0
 
 
@@ -800,7 +801,7 @@ def test_llamacpp_echo_alignment_against_live_model(
             batch = full if offset == 0 else short
             select = batch.targets != IGNORE
             live = live_logprobs(smol_live.model, batch, select)
-            monkeypatch.setattr(served_mod, "ECHO_OFFSET", offset)
+            monkeypatch.setattr(served_protocols, "ECHO_OFFSET", offset)
             sig = src.signal(batch, select)
             diff = (live.gather(1, sig.ids) - sig.logprobs).abs()
             top1 = (live.argmax(-1) == sig.ids[:, 0]).float().mean().item()
@@ -814,7 +815,7 @@ def test_llamacpp_echo_alignment_against_live_model(
         assert mean0 < 0.3 and max0 < 1.5 and top1_0 >= 0.75
         for offset in (1, -1):
             assert stats[offset][0] > 10 * mean0 and stats[offset][2] < 0.3
-        monkeypatch.setattr(served_mod, "ECHO_OFFSET", 0)
+        monkeypatch.setattr(served_protocols, "ECHO_OFFSET", 0)
         gens = src.generate(
             [prompt_ids(tok, [{"role": "user", "content": "Say hi."}], None)], max_new_tokens=8
         )

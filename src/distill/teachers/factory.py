@@ -12,7 +12,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from distill.errors import CompatibilityError, InputError
 from distill.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from distill.paths import resolve_path
-from distill.recipe import CachedTeacher, LiveTeacherSource, ServedTeacherConfig, TeacherConfig, local_teacher_source
+from distill.recipe import (
+    CachedTeacherConfig,
+    LiveTeacherConfig,
+    ServedTeacherConfig,
+    TeacherConfig,
+    local_teacher_source,
+)
 from distill.teachers.base import TeacherSource
 from distill.teachers.live import LiveTeacherSource
 
@@ -60,7 +66,7 @@ def open_teacher(cfg: TeacherConfig, *, need_weights: bool) -> TeacherHandle:
     generates locally or evaluates, so a served or cached teacher's local copy must hold weights."""
     local = local_teacher_source(cfg)
     ident = teacher_ident(cfg)
-    if isinstance(cfg, LiveTeacherSource):
+    if isinstance(cfg, LiveTeacherConfig):
         loaded = load_model(cfg.model)
         return TeacherHandle("live", ident, loaded.tokenizer, loaded.model, None, cfg.prefix_cache)
     model = None
@@ -72,14 +78,14 @@ def open_teacher(cfg: TeacherConfig, *, need_weights: bool) -> TeacherHandle:
     else:
         raise InputError("teacher.tokenizer: a served or cached teacher needs a local copy of its tokenizer")
     if isinstance(cfg, ServedTeacherConfig):
-        from distill.teachers.served import ServedTeacherSource
+        from distill.teachers.served_source import ServedTeacherSource
 
         served = ServedTeacherSource(cfg, tokenizer)
         served.check_server()  # fail now, with one line, rather than at the first training step
         remote: TeacherSource = served
         return TeacherHandle("served", ident or cfg.model, tokenizer, model, remote)
     if isinstance(cfg, CachedTeacherConfig):
-        from distill.teachers.cache import CachedTeacherSource
+        from distill.teachers.cache_reader import CachedTeacherSource
 
         cache = CachedTeacherSource(
             cfg.path, tokenizer_hash=tokenizer_fingerprint(tokenizer), memory_mb=cfg.memory_mb
