@@ -5,6 +5,7 @@ Imports neither torch nor transformers, so `distill validate` is instant and mod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
@@ -240,19 +241,50 @@ def local_teacher_source(teacher: TeacherConfig | None) -> ModelSource | None:
 
 
 def preflight(recipe: Recipe) -> None:
-    """Check every input file and model folder exists before any model loads (minutes saved on a typo)."""
+    """Check every input file and model folder exists, and that the teacher can satisfy the recipe, before
+    any model loads (minutes saved on a typo)."""
     for field, data_file in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
-        if data_file is not None and not resolve_path(data_file.path).exists():
+        if data_file is not None and not _probe(f"{field}.path", resolve_path(data_file.path), Path.exists):
             raise InputError(f"{field}.path: data file not found: {resolve_path(data_file.path)}")
     sources = [(f"teacher.{name}", src) for name, src in teacher_sources(recipe.teacher)]
     if recipe.student.model is not None:
         sources.append(("student.model", recipe.student.model))
     for field, source in sources:
         folder = resolve_path(source.path)
-        if not folder.is_dir():
+        if not _probe(f"{field}.path", folder, Path.is_dir):
             raise InputError(f"{field}.path: model folder not found: {folder}")
-        if source.gguf_file and not (folder / source.gguf_file).is_file():
+        if source.gguf_file and not _probe(f"{field}.gguf_file", folder / source.gguf_file, Path.is_file):
             raise InputError(f"{field}.gguf_file: GGUF file not found: {folder / source.gguf_file}")
+    _check_teacher_facts(recipe)
+
+
+def _probe(field: str, path: Path, test: Callable[[Path], bool]) -> bool:
+    """Run a file-system test, turning what the OS refuses (a name too long, no permission) into one line."""
+    try:
+        return test(path)
+    except OSError as err:
+        raise InputError(f"{field}: cannot use {_shorten(str(path))}: {err.strerror or err}") from None
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    """A path fit for a one-line message: a 5,000-character name would bury the error itself."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit // 2]}...{text[-limit // 2 :]} ({len(text)} characters)"
+
+
+def _check_teacher_facts(recipe: Recipe) -> None:
+    """Compare the recipe with the teacher's layer count and vocabulary, read from its files in
+    milliseconds; skipped when they cannot be read (loading then reports the problem)."""
+    from distill.models.config_facts import check_prune_fits, check_top_k_fits, read_facts
+
+    source = local_teacher_source(recipe.teacher)
+    facts = read_facts(resolve_path(source.path), source.gguf_file) if source is not None else None
+    prune = recipe.student.prune
+    if facts is not None and facts.layers and recipe.student.init == "prune" and prune is not None:
+        check_prune_fits(prune.keep_layers, prune.layers, facts.layers)
+    if facts is not None and facts.vocab and isinstance(recipe.teacher, LiveTeacherConfig | ServedTeacherConfig):
+        check_top_k_fits(recipe.cache.k, facts.vocab)
 
 
 # ---------------------------------------------------------------- loading, overrides, errors
@@ -302,11 +334,25 @@ def parse_recipe(data: Any, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError("recipe: the top level must be a mapping")
     for assignment in overrides or []:
-        apply_override(data, assignment)
+        try:
+            apply_override(data, assignment)
+        except IndexError:
+            raise RecipeError(f"override {assignment!r}: the list has no item at that index") from None
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(_format_error(err)) from None
+    _check_templates(recipe)
+    return recipe
+
+
+def _check_templates(recipe: Recipe) -> None:
+    """`output_dir` and `cache.path` may use `{name}` only; anything else would fail at the end of a run."""
+    for field, method in (("output_dir", recipe.run_dir), ("cache.path", recipe.cache_dir)):
+        try:
+            method()
+        except (KeyError, IndexError, AttributeError, ValueError) as err:
+            raise RecipeError(f"{field}: only {{name}} may appear in braces ({type(err).__name__}: {err})") from None
 
 
 def builtin_recipes_dir() -> Path:
@@ -318,13 +364,16 @@ def builtin_recipes() -> dict[str, Path]:
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
+    """A recipe file, or the built-in recipe of that name; one line if neither can be read."""
     path = Path(name_or_path)
-    if path.exists():
+    if _probe("recipe", path, Path.exists):
+        if _probe("recipe", path, Path.is_dir):
+            raise InputError(f"recipe {_shorten(str(path))} is a folder, not a YAML file")
         return path
     builtin = builtin_recipes().get(name_or_path)
     if builtin is not None:
         return builtin
-    raise InputError(f"recipe file not found: {name_or_path}")
+    raise InputError(f"recipe file not found: {_shorten(name_or_path)}")
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
@@ -336,8 +385,10 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise RecipeError(f"{path}{where}: not valid YAML") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"recipe {path}: not a UTF-8 text file (byte {err.start} cannot be decoded)") from None
     except OSError as err:
-        raise InputError(f"cannot read recipe {path}: {err.strerror}") from None
+        raise InputError(f"cannot read recipe {path}: {err.strerror or err}") from None
     return parse_recipe(data, overrides)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from distill.errors import RecipeError
+
 T = TypeVar("T")
 
 
@@ -26,11 +28,12 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
+        """The object registered as `name`; a name from a recipe that nothing registered is a recipe error."""
         try:
             return self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items)) or "none"
-            raise KeyError(f"unknown {self.kind} {name!r} (known: {known})") from None
+            raise RecipeError(f"unknown {self.kind} {name!r} (known: {known})") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

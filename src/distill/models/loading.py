@@ -6,13 +6,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -31,26 +31,31 @@ class LoadedModel:
     source: str
 
 
-def _quiet_transformers() -> None:
-    """distill draws its own progress; transformers' bars and advisory warnings would interleave."""
-    from transformers.utils import logging as hf_logging
+# What a broken or foreign model folder raises inside transformers (bad JSON, an unknown model_type, a
+# truncated safetensors or GGUF file): reported as one line naming the folder.
+LOAD_ERRORS = (OSError, ValueError, KeyError, EOFError, SafetensorError, StrictDataclassError)
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+def first_line(err: Exception) -> str:
+    """The gist of a library error for a one-line message (a line ending in ':' takes the next one too)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
-    _quiet_transformers()
+    """The tokenizer of a local folder or GGUF file (never the network: `local_files_only`); pads on the right."""
     folder = _checked_folder(source)
     try:
         tok = AutoTokenizer.from_pretrained(
-            str(folder), gguf_file=source.gguf_file, trust_remote_code=source.trust_remote_code
+            str(folder),
+            gguf_file=source.gguf_file,
+            trust_remote_code=source.trust_remote_code,
+            local_files_only=True,
         )
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot load a tokenizer from {folder}: {str(err).splitlines()[0]}") from None
+    except LOAD_ERRORS as err:
+        raise InputError(f"cannot load a tokenizer from {folder}: {first_line(err)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -59,18 +64,21 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
 
 def _checked_folder(source: ModelSource) -> Path:
     folder = resolve_path(source.path)
-    if not folder.is_dir():
-        raise InputError(f"model folder not found: {folder}")
-    if source.gguf_file is not None and not (folder / source.gguf_file).is_file():
-        raise InputError(f"GGUF file not found: {folder / source.gguf_file}")
-    if source.gguf_file is None and not (folder / "config.json").is_file():
-        raise InputError(f"not a Hugging Face model folder (no config.json): {folder}")
+    try:
+        if not folder.is_dir():
+            raise InputError(f"model folder not found: {folder}")
+        if source.gguf_file is not None and not (folder / source.gguf_file).is_file():
+            raise InputError(f"GGUF file not found: {folder / source.gguf_file}")
+        if source.gguf_file is None and not (folder / "config.json").is_file():
+            raise InputError(f"not a Hugging Face model folder (no config.json): {folder}")
+    except OSError as err:  # the OS refused the path itself (too long, no permission)
+        raise InputError(f"cannot use model path {source.path[:160]!r}: {err.strerror or err}") from None
     return folder
 
 
 def load_model(source: ModelSource) -> LoadedModel:
-    """Load weights (safetensors or GGUF, de-quantised) and the tokenizer; eval mode, no grad."""
-    _quiet_transformers()
+    """Load weights (safetensors or GGUF, de-quantised) and the tokenizer; eval mode, no grad. Changes no
+    process-wide logging or environment: the CLI quiets the libraries (`distill.cli._configure_libraries`)."""
     folder = _checked_folder(source)
     tokenizer = load_tokenizer(source)
     try:
@@ -80,9 +88,10 @@ def load_model(source: ModelSource) -> LoadedModel:
             dtype=DTYPES[source.dtype],
             trust_remote_code=source.trust_remote_code,
             use_safetensors=None if source.gguf_file else True,
+            local_files_only=True,
         )
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot load a model from {folder}: {str(err).splitlines()[0]}") from None
+    except LOAD_ERRORS as err:
+        raise InputError(f"cannot load a model from {folder}: {first_line(err)}") from None
     model.eval()
     name = f"{folder}/{source.gguf_file}" if source.gguf_file else str(folder)
     return LoadedModel(model=model, tokenizer=tokenizer, source=name)

@@ -8,15 +8,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from distill.errors import RecipeError
-from distill.models.loading import fresh_copy, load_model
+from distill.models.config_facts import check_prune_fits
+from distill.models.loading import LOAD_ERRORS, first_line, fresh_copy, load_model
 from distill.recipe import PruneConfig, StudentConfig
 
 
 def evenly_spaced_layers(total: int, keep: int) -> list[int]:
     """`keep` indices spread over `total` layers, first and last included (the ends matter most:
     the first layers build token features, the last ones shape the output distribution)."""
-    if keep > total:
-        raise RecipeError(f"student.prune.keep_layers: {keep} > the teacher's {total} layers")
+    check_prune_fits(keep, None, total)
     if keep == 1:
         return [total - 1]
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
@@ -35,10 +35,8 @@ def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
 def prune_depth(teacher: PreTrainedModel, prune: PruneConfig) -> tuple[PreTrainedModel, list[int]]:
     """Copy the teacher keeping only some decoder layers; embeddings, final norm and head are copied too."""
     total = teacher.config.num_hidden_layers
+    check_prune_fits(None, prune.layers, total)
     keep = prune.layers if prune.layers is not None else evenly_spaced_layers(total, prune.keep_layers or total)
-    bad = [i for i in keep if not 0 <= i < total]
-    if bad:
-        raise RecipeError(f"student.prune.layers: {bad} out of range for a {total}-layer teacher")
     keep = sorted(keep)
     changes: dict[str, Any] = {"num_hidden_layers": len(keep)}
     layer_types = getattr(teacher.config, "layer_types", None)
@@ -82,16 +80,7 @@ def build_student(cfg: StudentConfig, teacher: PreTrainedModel | None) -> tuple[
         info: dict[str, Any] = {"init": "prune", "kept_layers": keep}
     elif cfg.init == "config":
         assert cfg.config is not None
-        if teacher is not None:
-            base = teacher.config.to_dict()
-            base.update(cfg.config)
-            config = AutoConfig.for_model(base.pop("model_type"), **base)
-        else:
-            conf = dict(cfg.config)
-            if "model_type" not in conf:
-                raise RecipeError("student.config: needs model_type when there is no teacher")
-            config = AutoConfig.for_model(conf.pop("model_type"), **conf)
-        student = AutoModelForCausalLM.from_config(config)
+        student = _student_from_config(cfg.config, teacher)
         info = {"init": "config"}
     else:
         assert cfg.model is not None
@@ -101,6 +90,19 @@ def build_student(cfg: StudentConfig, teacher: PreTrainedModel | None) -> tuple[
     info["parameters"] = sum(p.numel() for p in student.parameters())
     info["layers"] = student.config.num_hidden_layers
     return student, info
+
+
+def _student_from_config(changes: dict[str, Any], teacher: PreTrainedModel | None) -> PreTrainedModel:
+    """A fresh model from `student.config` (over the teacher's config when there is one); a setting
+    transformers rejects (unknown model_type, heads not dividing the width) is named as the field."""
+    conf = {**teacher.config.to_dict(), **changes} if teacher is not None else dict(changes)
+    if "model_type" not in conf:
+        raise RecipeError("student.config: needs model_type (e.g. llama) when there is no teacher")
+    try:
+        config = AutoConfig.for_model(conf.pop("model_type"), **conf)
+        return AutoModelForCausalLM.from_config(config)
+    except LOAD_ERRORS + (TypeError,) as err:
+        raise RecipeError(f"student.config: {first_line(err)}") from None
 
 
 def fresh_copy_if_gguf(cfg: StudentConfig) -> PreTrainedModel:
