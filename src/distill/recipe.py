@@ -244,21 +244,21 @@ def preflight(recipe: Recipe) -> None:
     """Check every input file and model folder exists, and that the teacher can satisfy the recipe, before
     any model loads (minutes saved on a typo)."""
     for field, data_file in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
-        if data_file is not None and not _probe(f"{field}.path", resolve_path(data_file.path), Path.exists):
+        if data_file is not None and not probe_path(f"{field}.path", resolve_path(data_file.path), Path.exists):
             raise InputError(f"{field}.path: data file not found: {resolve_path(data_file.path)}")
     sources = [(f"teacher.{name}", src) for name, src in teacher_sources(recipe.teacher)]
     if recipe.student.model is not None:
         sources.append(("student.model", recipe.student.model))
     for field, source in sources:
         folder = resolve_path(source.path)
-        if not _probe(f"{field}.path", folder, Path.is_dir):
+        if not probe_path(f"{field}.path", folder, Path.is_dir):
             raise InputError(f"{field}.path: model folder not found: {folder}")
-        if source.gguf_file and not _probe(f"{field}.gguf_file", folder / source.gguf_file, Path.is_file):
+        if source.gguf_file and not probe_path(f"{field}.gguf_file", folder / source.gguf_file, Path.is_file):
             raise InputError(f"{field}.gguf_file: GGUF file not found: {folder / source.gguf_file}")
     _check_teacher_facts(recipe)
 
 
-def _probe(field: str, path: Path, test: Callable[[Path], bool]) -> bool:
+def probe_path(field: str, path: Path, test: Callable[[Path], bool]) -> bool:
     """Run a file-system test, turning what the OS refuses (a name too long, no permission) into one line."""
     try:
         return test(path)
@@ -366,8 +366,8 @@ def builtin_recipes() -> dict[str, Path]:
 def resolve_recipe_path(name_or_path: str) -> Path:
     """A recipe file, or the built-in recipe of that name; one line if neither can be read."""
     path = Path(name_or_path)
-    if _probe("recipe", path, Path.exists):
-        if _probe("recipe", path, Path.is_dir):
+    if probe_path("recipe", path, Path.exists):
+        if probe_path("recipe", path, Path.is_dir):
             raise InputError(f"recipe {_shorten(str(path))} is a folder, not a YAML file")
         return path
     builtin = builtin_recipes().get(name_or_path)

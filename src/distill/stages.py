@@ -18,7 +18,7 @@ from distill.families.lm import prepare
 from distill.io import write_json_atomic, write_jsonl_atomic
 from distill.models.loading import load_tokenizer, shared_vocab, tokenizer_fingerprint
 from distill.progress import Progress
-from distill.recipe import ModelSource, Recipe, preflight
+from distill.recipe import ModelSource, Recipe, preflight, probe_path
 from distill.teachers.factory import open_teacher
 
 
@@ -27,11 +27,11 @@ def evaluate_saved(recipe: Recipe, student_dir: Path, output: Path | None, progr
         raise RecipeError("teacher: `distill eval` compares the student with the recipe's teacher")
     if recipe.data.eval is None:
         raise RecipeError("data.eval: `distill eval` needs held-out data")
-    if not (student_dir / "config.json").is_file():
+    if not probe_path("--student", student_dir / "config.json", Path.is_file):
         raise InputError(f"not a saved student folder (no config.json): {student_dir}")
     preflight(recipe)
     teacher = open_teacher(recipe.teacher, need_weights=True)
-    student = AutoModelForCausalLM.from_pretrained(str(student_dir)).eval()
+    student = AutoModelForCausalLM.from_pretrained(str(student_dir), local_files_only=True).eval()
     tok = load_tokenizer(ModelSource(path=str(student_dir)))
     vocab = shared_vocab(teacher.tokenizer, teacher.model, student, tok)
     exact = teacher.exact(vocab)
@@ -61,8 +61,10 @@ def evaluate_saved(recipe: Recipe, student_dir: Path, output: Path | None, progr
 def generate_file(recipe: Recipe, input_path: str, output: Path, progress: Progress) -> int:
     if recipe.teacher is None:
         raise RecipeError("teacher: `distill generate` needs a teacher")
+    if not probe_path("--input", Path(input_path), Path.exists):
+        raise InputError(f"--input: file not found: {input_path}")
+    examples = read_examples(input_path)  # before the teacher loads: a bad file fails in seconds
     teacher = open_teacher(recipe.teacher, need_weights=recipe.teacher.kind != "served")
-    examples = read_examples(input_path)
     done = teacher_answers(recipe, teacher, examples, progress)
     write_jsonl_atomic(output, (example_row(ex) for ex in done))
     teacher.close()
