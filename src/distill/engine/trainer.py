@@ -182,7 +182,8 @@ def train(
     for module in raw.values():
         module.train()
     progress.start(f"training {method.name}", cfg.steps)
-    progress.advance(start_step)
+    if start_step:
+        progress.advance(start_step)
     started = time.perf_counter()
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
