@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 
 from distill.errors import RecipeError
@@ -173,3 +175,12 @@ def test_bad_overrides_and_templates_name_the_field() -> None:
         parse_recipe(base(), ["cache.path=runs/{0}"])
     with pytest.raises(RecipeError, match="output_dir"):
         parse_recipe(base(), ["output_dir=runs/{name.nope}"])
+
+
+def test_optimizer_groups_must_belong_to_a_method_of_the_run() -> None:
+    base = load_recipe("quickstart").model_dump(mode="json")
+    base["train"]["optimizers"] = {"main": {"lr": 0.01}}
+    assert parse_recipe(copy.deepcopy(base)).train.optimizers["main"].lr == 0.01
+    base["train"]["optimizers"] = {"critic": {"lr": 0.01}}
+    with pytest.raises(RecipeError, match=r"^recipe: train\.optimizers\.critic: no method of this run has"):
+        parse_recipe(base)

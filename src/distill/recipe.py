@@ -207,6 +207,10 @@ class Recipe(Strict):
                 raise ValueError(f"{field}: {err}") from None
         if self.student.init == "prune" and local_teacher_source(self.teacher) is None:
             raise ValueError("student.init='prune' prunes the teacher: the teacher section needs local weights")
+        groups = {g for m in methods for g in m.optimizer_groups}
+        unknown = sorted(set(self.train.optimizers) - groups)
+        if unknown:
+            raise ValueError(f"train.optimizers.{unknown[0]}: no method of this run has that optimizer group ({sorted(groups)})")
         labels = [m.display for m in methods]
         if len(set(labels)) != len(labels):
             raise ValueError(f"method and baselines need distinct labels (set `label:`), got {labels}")
@@ -293,7 +297,7 @@ def _check_teacher_facts(recipe: Recipe) -> None:
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for validator messages
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif first["type"] == "missing":

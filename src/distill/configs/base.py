@@ -37,6 +37,7 @@ class MethodConfigBase(Strict):
 
     teacher_needs: ClassVar[frozenset[str]] = frozenset()
     family: ClassVar[str] = "lm"
+    optimizer_groups: ClassVar[tuple[str, ...]] = ("main",)  # the groups its Method declares
 
     @property
     def display(self) -> str:

@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 
-from distill.errors import RecipeError
 from distill.recipe import OptimizerConfig, TrainConfig
 
 
@@ -19,12 +18,6 @@ def group_settings(cfg: TrainConfig, group: str) -> dict[str, Any]:
         "betas": over.betas if over.betas is not None else cfg.betas,
         "max_grad_norm": over.max_grad_norm if over.max_grad_norm is not None else cfg.max_grad_norm,
     }
-
-
-def check_groups(cfg: TrainConfig, groups: list[str]) -> None:
-    unknown = sorted(set(cfg.optimizers) - set(groups))
-    if unknown:
-        raise RecipeError(f"train.optimizers.{unknown[0]}: the method has no optimizer group {unknown[0]!r} (it has {groups})")
 
 
 def make_adamw(params: list[torch.nn.Parameter], settings: dict[str, Any]) -> torch.optim.AdamW:

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 
 from distill.engine.accelerator import make_accelerator, zero_stage
 from distill.engine.checkpoint import latest_intact_checkpoint, load_checkpoint, save_checkpoint
-from distill.engine.optim import check_groups, group_settings, make_adamw
+from distill.engine.optim import group_settings, make_adamw
 from distill.engine.schedule import make_scheduler
 from distill.engine.seeding import rng_state, seed_everything, set_rng_state
 from distill.errors import RecipeError
@@ -57,7 +57,6 @@ def _rewrite_metrics(path: Path, upto_step: int) -> None:
 
 def _build_groups(method: Method, cfg: TrainConfig, acc: Accelerator, wrapped: dict[str, torch.nn.Module]) -> dict[str, _Group]:
     groups = method.groups()
-    check_groups(cfg, list(groups))
     updates = {g: 0 for g in groups}
     for phase in method.phases():
         if phase.group not in groups:
