@@ -19,7 +19,7 @@ from distill.configs.teachers import (
     CachedTeacherConfig,
     DType,
     LiveTeacherConfig,
-    ModelSource,
+    ModelConfig,
     ServedTeacherConfig,
     TeacherConfig,
 )
@@ -32,7 +32,7 @@ __all__ = [
     "DType",
     "LiveTeacherConfig",
     "LogitKDConfig",
-    "ModelSource",
+    "ModelConfig",
     "SFTConfig",
     "SeqKDConfig",
     "ServedTeacherConfig",
@@ -62,7 +62,7 @@ class StudentConfig(Strict):
     init: Literal["prune", "config", "pretrained"] = "prune"
     prune: PruneConfig | None = None
     config: dict[str, Any] | None = None
-    model: ModelSource | None = None
+    model: ModelConfig | None = None
 
     @model_validator(mode="after")
     def _matching_section(self) -> StudentConfig:
@@ -73,7 +73,7 @@ class StudentConfig(Strict):
         return self
 
 
-class DataFile(Strict):
+class DataFileConfig(Strict):
     """A JSONL or Parquet file (or a `datasets` folder saved with save_to_disk) of `prompt`/`completion`
     pairs or chat `messages`."""
 
@@ -95,8 +95,8 @@ class GenerateConfig(Strict):
 
 
 class DataConfig(Strict):
-    train: DataFile
-    eval: DataFile | None = None
+    train: DataFileConfig
+    eval: DataFileConfig | None = None
     generate: GenerateConfig | None = None
     system_prompt: str | None = None
     max_length: int = Field(default=512, ge=8)
@@ -228,7 +228,7 @@ class Recipe(Strict):
         return Path(self.cache.path.format(name=self.name))
 
 
-def teacher_sources(teacher: TeacherConfig | None) -> list[tuple[str, ModelSource]]:
+def teacher_sources(teacher: TeacherConfig | None) -> list[tuple[str, ModelConfig]]:
     """The local model folders a teacher section points at, by field name."""
     if isinstance(teacher, LiveTeacherConfig):
         return [("model", teacher.model)]
@@ -237,7 +237,7 @@ def teacher_sources(teacher: TeacherConfig | None) -> list[tuple[str, ModelSourc
     return []
 
 
-def local_teacher_source(teacher: TeacherConfig | None) -> ModelSource | None:
+def local_teacher_source(teacher: TeacherConfig | None) -> ModelConfig | None:
     """Where the teacher's weights and tokenizer live on this machine (a served or cached teacher may
     still point at a local copy, for its tokenizer and for pruning a student from it)."""
     found = teacher_sources(teacher)

@@ -18,7 +18,7 @@ from distill.families.lm import prepare
 from distill.io import write_json_atomic, write_jsonl_atomic
 from distill.models.loading import load_tokenizer, shared_vocab, tokenizer_fingerprint
 from distill.progress import Progress
-from distill.recipe import ModelSource, Recipe, preflight, probe_path
+from distill.recipe import ModelConfig, Recipe, preflight, probe_path
 from distill.teachers.factory import open_teacher
 
 
@@ -32,7 +32,7 @@ def evaluate_saved(recipe: Recipe, student_dir: Path, output: Path | None, progr
     preflight(recipe)
     teacher = open_teacher(recipe.teacher, need_weights=True)
     student = AutoModelForCausalLM.from_pretrained(str(student_dir), local_files_only=True).eval()
-    tok = load_tokenizer(ModelSource(path=str(student_dir)))
+    tok = load_tokenizer(ModelConfig(path=str(student_dir)))
     vocab = shared_vocab(teacher.tokenizer, teacher.model, student, tok)
     exact = teacher.exact(vocab)
     if exact is None:

@@ -210,11 +210,11 @@ def test_loading_a_model_changes_no_process_state(tiny_teacher_dir: Path) -> Non
     from transformers.utils import logging as hf_logging
 
     from distill.models.loading import load_model
-    from distill.recipe import ModelSource
+    from distill.recipe import ModelConfig
 
     before = (dict(os.environ), hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
     level = logging.getLogger("transformers").level
-    loaded = load_model(ModelSource(path=str(tiny_teacher_dir)))
+    loaded = load_model(ModelConfig(path=str(tiny_teacher_dir)))
     assert loaded.model.config.num_hidden_layers == 4
     assert (dict(os.environ), hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before
     assert logging.getLogger("transformers").level == level

