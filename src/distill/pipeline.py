@@ -162,6 +162,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: Progress | Non
         "primary": recipe.method.display,
         **family.describe(),
         "seeds": seeds,
+        **({"columns": family.result_columns(), "results_note": family.results_note()} if family.result_columns() else {}),
         "before": before,
         "methods": results,
         "timing": timing,

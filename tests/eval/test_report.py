@@ -272,3 +272,40 @@ def test_summary_lines(summary: dict[str, Any], multi_summary: dict[str, Any]) -
     assert multi[2].startswith("logit_kd ") and multi[3].startswith("jsd_t2 ")
     assert "0.5000 ± 0.25" in multi[2] and "62.0% ± 0.0%" in multi[2]
     assert len(summary_lines({})) == 1 and summary_lines({})[0].startswith("model")
+
+
+def test_family_declared_columns_replace_the_lm_table(tmp_path: Path) -> None:
+    """A family that declares its own result columns (a classifier's accuracy) gets them in the report
+    and the CLI lines, with seed intervals, and none of the LM family's KL columns."""
+    from distill.eval.report_text import summary_lines
+
+    def entry(acc: float) -> dict:
+        return {"method": {"name": "kd"}, "after": {"accuracy": acc, "ce": 0.5}, "steps": 3, "train_seconds": 1.0}
+
+    summary = {
+        "name": "toy",
+        "primary": "kd",
+        "columns": [
+            {"key": "accuracy", "title": "accuracy", "format": "pct", "better": "higher"},
+            {"key": "ce", "title": "test CE", "format": "num", "better": "lower"},
+        ],
+        "results_note": "means over 100 held-out images",
+        "seeds": [0, 1],
+        "before": {"accuracy": 0.25, "ce": 1.4},
+        "methods": {
+            "kd": {
+                "method": {"name": "kd"},
+                "seeds": {"0": entry(0.9), "1": entry(0.8)},
+                "after": {"accuracy": 0.85, "ce": 0.5},
+                "after_interval": {"accuracy": [0.2147, 1.4853]},
+            }
+        },
+    }
+    write_report(tmp_path, summary, "name: toy\n")
+    md = (tmp_path / "report.md").read_text()
+    assert "accuracy ↑" in md and "test CE ↓" in md and "KL(t‖s)" not in md
+    assert "85.0% (21.5%–148.5%)" in md and "means over 100 held-out images" in md
+    assert "kd (primary), seed 1 |      80.0%" in md
+    lines = summary_lines(summary)
+    assert lines[0].split() == ["model", "accuracy", "test", "CE"]
+    assert "85.0% ± 63.5%" in lines[-1]

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from distill.eval.report_columns import declared_columns
 from distill.eval.report_doc import Doc, render_markdown
 from distill.eval.report_format import as_dict, as_float, fmt_count, fmt_int
 from distill.eval.report_html import render_html
@@ -105,9 +106,12 @@ def _results(doc: Doc, summary: dict[str, Any], names: list[str]) -> None:
         if eval_tok is not None:
             where += f" ({fmt_int(eval_tok)} answer tokens)"
     selection = summary.get("selection") or "not recorded"
+    what = f"per-token means over the answer tokens of {where} the student never trained on"
+    if declared_columns(summary):
+        what = str(summary.get("results_note") or "measured on held-out data the student never trained on")
     doc.add(
         "p",
-        f"All numbers are per-token means over the answer tokens of {where} the student never trained on. "
+        f"All numbers are {what}. "
         f"Each method is scored at the final step of its training, with no checkpoint selection "
         f"(**selection:** {selection}). ↓ lower is better, ↑ higher is better.",
     )
@@ -123,7 +127,7 @@ def _results(doc: Doc, summary: dict[str, Any], names: list[str]) -> None:
     doc.add("table", results_table(summary, names))
     methods = as_dict(summary.get("methods"))
     evals = [summary.get("before"), *(as_dict(methods[n]).get("after") for n in names)]
-    if not any(as_float(as_dict(ev).get("kl")) is not None for ev in evals):
+    if not declared_columns(summary) and not any(as_float(as_dict(ev).get("kl")) is not None for ev in evals):
         doc.add("p", "No KL numbers: the run had no teacher signal or no held-out data.")
     per_seed = per_seed_table(summary, names)
     if per_seed is not None:

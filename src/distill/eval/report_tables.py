@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from distill.eval.report_columns import declared_columns, declared_per_seed_table, declared_results_table
 from distill.eval.report_doc import Table
 from distill.eval.report_format import (
     DASH,
@@ -66,7 +67,11 @@ def has_intervals(summary: dict[str, Any]) -> bool:
 
 
 def results_table(summary: dict[str, Any], names: list[str]) -> Table:
-    """Before-training student, each method after training, and the teacher's own NLL as the floor."""
+    """Before-training student, each method after training, and the teacher's own NLL as the floor
+    (the LM family's table; a family that declares its own columns gets those instead)."""
+    columns = declared_columns(summary)
+    if columns:
+        return declared_results_table(summary, names, columns)
     methods = as_dict(summary.get("methods"))
     before = as_dict(summary.get("before"))
     before_kl = before.get("kl")
@@ -96,6 +101,9 @@ def results_table(summary: dict[str, Any], names: list[str]) -> Table:
 
 def per_seed_table(summary: dict[str, Any], names: list[str]) -> Table | None:
     """Each seed's own held-out numbers, so a reader can see what the mean and interval summarise."""
+    columns = declared_columns(summary)
+    if columns:
+        return declared_per_seed_table(summary, names, columns)
     methods = as_dict(summary.get("methods"))
     before_kl = as_dict(summary.get("before")).get("kl")
     rows = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from distill.eval.report_columns import declared_columns, text_columns
 from distill.eval.report_format import as_dict, bounds, fmt_num, fmt_pct, fmt_plus_minus
 from distill.eval.report_run import BEFORE_LABEL, method_order
 
@@ -17,11 +18,10 @@ _COLUMNS: list[tuple[str, str, Callable[[Any], str], Callable[[Any], str] | None
 ]
 
 
-def _cells(label: str, ev: Any, interval: Any) -> list[str]:
+def _cells(label: str, ev: Any, interval: Any, columns: list[tuple[str, str, Any, Any]]) -> list[str]:
     ev = as_dict(ev)
     return [label] + [
-        fmt_plus_minus(fmt, ev.get(key), bounds(interval, key), half_fmt)
-        for _, key, fmt, half_fmt in _COLUMNS
+        fmt_plus_minus(fmt, ev.get(key), bounds(interval, key), half_fmt) for _, key, fmt, half_fmt in columns
     ]
 
 
@@ -33,12 +33,13 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     """
     summary = as_dict(summary)
     methods = as_dict(summary.get("methods"))
-    rows = [["model"] + [column[0] for column in _COLUMNS]]
+    columns = text_columns(declared_columns(summary)) or _COLUMNS
+    rows = [["model"] + [column[0] for column in columns]]
     if as_dict(summary.get("before")):
-        rows.append(_cells(BEFORE_LABEL, summary.get("before"), summary.get("before_interval")))
+        rows.append(_cells(BEFORE_LABEL, summary.get("before"), summary.get("before_interval"), columns))
     for name in method_order(summary):
         entry = as_dict(methods[name])
-        rows.append(_cells(name, entry.get("after"), entry.get("after_interval")))
+        rows.append(_cells(name, entry.get("after"), entry.get("after_interval"), columns))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(

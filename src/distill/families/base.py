@@ -39,6 +39,14 @@ class Family(ABC):
     def describe(self) -> dict[str, Any]:
         """The summary's teacher / student / data sections."""
 
+    def result_columns(self) -> list[dict[str, str]]:
+        """The held-out numbers the report and CLI show: {key, title, format: num|pct, better:
+        lower|higher}, with `results_note()` saying what they are. Empty: the LM family's table."""
+        return []
+
+    def results_note(self) -> str:
+        return ""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release servers, files and memory."""
 
