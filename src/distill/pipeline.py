@@ -135,7 +135,7 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: Progress | Non
     seed_everything(recipe.seed, recipe.train.deterministic)
 
     family.prepare(recipe, acc, progress)
-    timing = dict(getattr(family, "timing", {}))
+    timing = family.timings()
     summary_path = run_dir / "eval.json"
     previous = json.loads(summary_path.read_text()) if resume and summary_path.exists() else {}
     t0 = time.perf_counter()
@@ -150,19 +150,20 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, progress: Progress | Non
         per_seed: dict[int, dict[str, Any]] = {}
         for seed in seeds:
             method_dir = run_dir / "methods" / cfg.display
-            if recipe.seeds is not None and len(seeds) > 1:
+            if len(seeds) > 1:
                 method_dir = method_dir / f"seed-{seed}"
             per_seed[seed] = _train_one(family, recipe, cfg, seed, method_dir, acc, resume, progress)
         results[cfg.display] = _combine_seeds(per_seed)
     family.close()
 
     timing["total_s"] = time.perf_counter() - t_start
+    columns = family.result_columns()
     summary = {
         "name": recipe.name,
         "primary": recipe.method.display,
         **family.describe(),
         "seeds": seeds,
-        **({"columns": family.result_columns(), "results_note": family.results_note()} if family.result_columns() else {}),
+        **({"columns": columns, "results_note": family.results_note()} if columns else {}),
         "before": before,
         "methods": results,
         "timing": timing,

@@ -41,7 +41,6 @@ class TrainResult:
 
 @dataclass
 class _Group:
-    name: str
     params: list[torch.nn.Parameter]
     optimizer: Any  # accelerate's AcceleratedOptimizer
     scheduler: Any
@@ -72,7 +71,7 @@ def _build_groups(method: Method, cfg: TrainConfig, acc: Accelerator, wrapped: d
         total = max(1, cfg.steps * updates[name])
         sched = make_scheduler(raw_opt, total=total, warmup=cfg.warmup_steps * max(1, updates[name]), kind=cfg.schedule)
         opt = acc.prepare(raw_opt)
-        out[name] = _Group(name, params, opt, sched, settings["max_grad_norm"])
+        out[name] = _Group(params, opt, sched, settings["max_grad_norm"])
     return out
 
 

@@ -39,6 +39,10 @@ class Family(ABC):
     def describe(self) -> dict[str, Any]:
         """The summary's teacher / student / data sections."""
 
+    def timings(self) -> dict[str, float]:
+        """Seconds spent in `prepare`, by stage (loading, generation), for the report's timing table."""
+        return {}
+
     def result_columns(self) -> list[dict[str, str]]:
         """The held-out numbers the report and CLI show: {key, title, format: num|pct, better:
         lower|higher}, with `results_note()` saying what they are. Empty: the LM family's table."""

@@ -4,6 +4,7 @@ against the teacher's exact distribution."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -84,12 +85,8 @@ def prepare(
     if recipe.data.generate is not None:
         if teacher is None:
             raise RecipeError("data.generate: needs a teacher")
-        if acc is not None:
-            with acc.main_process_first():  # the main process generates and stores; the others read
-                train_examples = generated_data(recipe, teacher, "train", train_examples, progress)
-                if eval_examples:
-                    eval_examples = generated_data(recipe, teacher, "eval", eval_examples, progress)
-        else:
+        # the main process generates and stores; the others then read what it stored
+        with acc.main_process_first() if acc is not None else contextlib.nullcontext():
             train_examples = generated_data(recipe, teacher, "train", train_examples, progress)
             if eval_examples:
                 eval_examples = generated_data(recipe, teacher, "eval", eval_examples, progress)
@@ -108,8 +105,6 @@ def prepare(
     else:
         assert student is not None
         vocab = int(student.config.vocab_size)
-    if teacher is not None and recipe.cache.k > vocab:
-        raise RecipeError(f"cache.k: {recipe.cache.k} is above the teacher's vocabulary ({vocab} tokens)")
     train_tok, dropped = tokenize_examples(tokenizer, train_examples, recipe.data.max_length, recipe.data.system_prompt)
     if not train_tok:
         raise InputError(f"{recipe.data.train.path}: no usable training examples (all {dropped} dropped)")
@@ -129,7 +124,6 @@ class LMFamily(Family):
         teacher, vocab = self.prep.teacher, self.prep.vocab
         self.source = teacher.source(vocab) if teacher else None
         self.exact: LiveTeacherSource | None = teacher.exact(vocab) if teacher else None
-        self.timing = self.prep.timing
 
     def make_method(self, cfg: MethodConfigBase, seed: int) -> Method:
         assert self.prep.student is not None
@@ -178,6 +172,9 @@ class LMFamily(Family):
             chunk_size=self.recipe.train.chunk_size,
             progress=progress,
         )
+
+    def timings(self) -> dict[str, float]:
+        return dict(self.prep.timing)
 
     def describe(self) -> dict[str, Any]:
         prep = self.prep
