@@ -23,11 +23,15 @@ from rich.table import Table
 
 from distill.errors import DistillError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil a teacher model into a smaller student.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Distil a teacher model into a smaller student."
+)
 console = Console(stderr=True)
 out = Console()
 
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: a.b.c=value (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a recipe field: a.b.c=value (repeatable).")
+]
 
 
 class RichProgress:
@@ -87,7 +91,12 @@ class RichProgress:
     def _line(self, state: str) -> None:
         self._last = time.monotonic()
         count = f" {self._done}/{self._total}" if self._total else (f" {self._done}" if self._done else "")
-        parts = [f"{time.strftime('%H:%M:%S')} {self._label}{count}", f"{self._last - self._t0:.0f}s", self._info, state]
+        parts = [
+            f"{time.strftime('%H:%M:%S')} {self._label}{count}",
+            f"{self._last - self._t0:.0f}s",
+            self._info,
+            state,
+        ]
         console.print("  ".join(p for p in parts if p), markup=False, highlight=False)
 
 
@@ -121,7 +130,10 @@ def _run(recipe_name: str, overrides: list[str] | None, resume: bool) -> None:
     if _is_main_process():
         _print_summary(summary)
         run_dir = recipe.run_dir()
-        out.print(f"report: {run_dir / 'report.md'} (and report.html); total {summary['timing']['total_s']:.0f} s", soft_wrap=True)
+        out.print(
+            f"report: {run_dir / 'report.md'} (and report.html); total {summary['timing']['total_s']:.0f} s",
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -146,10 +158,10 @@ def quickstart(
 @app.command()
 def validate(recipe: str, set_: SetOpt = None) -> None:
     """Check a recipe and that its files exist, without loading any model."""
-    from distill.recipe import load_recipe, preflight
+    from distill.recipe import load_recipe
 
     r = load_recipe(recipe, set_)
-    preflight(r)
+    r.preflight()
     out.print(f"ok: {recipe} (method {r.method.name}, {len(r.baselines)} baseline(s), {r.train.steps} steps)")
 
 
@@ -177,10 +189,10 @@ def eval_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Evaluate a saved student against the recipe's teacher on the recipe's held-out data."""
-    from distill.recipe import load_recipe
+    from distill.recipe import lm_recipe, load_recipe
     from distill.stages import evaluate_saved
 
-    r = load_recipe(recipe, set_)
+    r = lm_recipe(load_recipe(recipe, set_), "eval")
     progress = RichProgress()
     try:
         result, path = evaluate_saved(r, student, output, progress)
@@ -194,14 +206,16 @@ def eval_cmd(
 def generate(
     recipe: str,
     input_: Annotated[str, typer.Option("--input", help="JSONL/Parquet of prompts (or messages).")],
-    output: Annotated[Path, typer.Option("--output", help="JSONL of chat messages with the teacher's answers.")],
+    output: Annotated[
+        Path, typer.Option("--output", help="JSONL of chat messages with the teacher's answers.")
+    ],
     set_: SetOpt = None,
 ) -> None:
     """Let the recipe's teacher answer every prompt (sequence-KD data); written atomically."""
-    from distill.recipe import load_recipe
+    from distill.recipe import lm_recipe, load_recipe
     from distill.stages import generate_file
 
-    r = load_recipe(recipe, set_)
+    r = lm_recipe(load_recipe(recipe, set_), "generate")
     progress = RichProgress()
     try:
         n = generate_file(r, input_, output, progress)
@@ -213,10 +227,10 @@ def generate(
 @app.command()
 def cache(recipe: str, set_: SetOpt = None) -> None:
     """Run the teacher once over the training data and store its top-k log-probs (resumable)."""
-    from distill.recipe import load_recipe
+    from distill.recipe import lm_recipe, load_recipe
     from distill.stages import cache_teacher
 
-    r = load_recipe(recipe, set_)
+    r = lm_recipe(load_recipe(recipe, set_), "cache")
     progress = RichProgress()
     try:
         info = cache_teacher(r, progress)
@@ -227,8 +241,16 @@ def cache(recipe: str, set_: SetOpt = None) -> None:
 
 # Set before transformers, huggingface_hub, datasets or tqdm is imported (each reads these once, at import):
 # distill loads local models only, and draws its own progress, which library bars would interleave with.
-_LIBRARY_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-_BARS_OFF = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+_LIBRARY_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+_BARS_OFF = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+}
 
 
 def _configure_libraries() -> None:

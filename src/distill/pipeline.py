@@ -30,21 +30,15 @@ from distill.families import FAMILIES
 from distill.families.base import Family
 from distill.io import write_json_atomic, write_text_atomic
 from distill.progress import NullProgress, Progress
-from distill.recipe import Recipe, dump_recipe, preflight
+from distill.recipe import dump_recipe
+from distill.recipe_base import RecipeBase
 from distill.stats import summarise_seeds
 
 
-def _check_resume(recipe: Recipe, run_dir: Path, resume: bool) -> None:
+def _check_resume(recipe: RecipeBase, run_dir: Path, resume: bool) -> None:
     saved = run_dir / "recipe.yaml"
     if resume and saved.exists() and saved.read_text(encoding="utf-8") != dump_recipe(recipe):
         raise RecipeError(f"--resume: the recipe differs from {saved}; resume with the same recipe")
-
-
-def recipe_family(recipe: Recipe) -> str:
-    families = {m.family for m in [recipe.method, *recipe.baselines]}
-    if len(families) != 1:
-        raise RecipeError(f"baselines: every method of a run must be of one family, got {sorted(families)}")
-    return families.pop()
 
 
 def _history_figures(result: TrainResult) -> dict[str, Any]:
@@ -57,13 +51,15 @@ def _history_figures(result: TrainResult) -> dict[str, Any]:
     }
     if all("real_tokens" in h for h in hist):
         out["real_tokens_per_s"] = sum(h["real_tokens"] for h in hist) / sum(h["step_seconds"] for h in hist)
-        out["padding_fraction"] = 1 - sum(h["real_tokens"] for h in hist) / max(1, sum(h["padded_slots"] for h in hist))
+        out["padding_fraction"] = 1 - sum(h["real_tokens"] for h in hist) / max(
+            1, sum(h["padded_slots"] for h in hist)
+        )
     return out
 
 
 def _train_one(
     family: Family,
-    recipe: Recipe,
+    recipe: RecipeBase,
     cfg: MethodConfigBase,
     seed: int,
     method_dir: Path,
@@ -78,7 +74,7 @@ def _train_one(
         return entry
     seed_everything(seed, recipe.train.deterministic)
     method = family.make_method(cfg, seed)
-    stream = family.make_stream(seed)
+    stream = family.make_stream(method, seed)
     result = train(
         method=method, stream=stream, cfg=recipe.train, out_dir=method_dir, seed=seed,
         resume=resume, progress=progress, accelerator=acc,
@@ -118,11 +114,13 @@ def _combine_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return entry
 
 
-def run_recipe(recipe: Recipe, *, resume: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+def run_recipe(
+    recipe: RecipeBase, *, resume: bool = False, progress: Progress | None = None
+) -> dict[str, Any]:
     """Run every method of the recipe (once per seed); return the summary written to eval.json."""
     t_start = time.perf_counter()
-    preflight(recipe)
-    family = FAMILIES.get(recipe_family(recipe))()
+    recipe.preflight()
+    family = FAMILIES.get(recipe.family)()
     run_dir = recipe.run_dir()
     acc = make_accelerator(recipe.train, run_dir)
     progress = (progress or NullProgress()) if acc.is_main_process else NullProgress()

@@ -7,14 +7,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from distill.configs import METHOD_CONFIGS, Strict
+from distill.configs import METHOD_CONFIGS
 from distill.configs.base import MethodConfigBase
 from distill.configs.lm import Divergence, LogitKDConfig, SeqKDConfig, SFTConfig
+from distill.configs.lm_sections import (
+    CacheConfig,
+    DataConfig,
+    DataFileConfig,
+    EvalConfig,
+    GenerateConfig,
+    PruneConfig,
+    StudentConfig,
+)
 from distill.configs.teachers import (
     CachedTeacherConfig,
     DType,
@@ -25,9 +34,34 @@ from distill.configs.teachers import (
 )
 from distill.errors import InputError, RecipeError
 from distill.paths import resolve_path
+from distill.recipe_base import (
+    RECIPES,
+    OptimizerConfig,
+    RecipeBase,
+    TrainConfig,
+    method_union,
+    recipe_family,
+    register_recipe,
+)
+from distill.recipe_classifier import ClassifierRecipe
+
+if TYPE_CHECKING:
+    MethodConfig = MethodConfigBase
+else:
+    MethodConfig = method_union("lm")
 
 __all__ = [
+    "ClassifierRecipe",
+    "CacheConfig",
     "CachedTeacherConfig",
+    "DataConfig",
+    "DataFileConfig",
+    "EvalConfig",
+    "GenerateConfig",
+    "OptimizerConfig",
+    "PruneConfig",
+    "StudentConfig",
+    "TrainConfig",
     "Divergence",
     "DType",
     "LiveTeacherConfig",
@@ -40,189 +74,31 @@ __all__ = [
 ]
 
 
-class PruneConfig(Strict):
-    """Depth pruning: keep `keep_layers` evenly spaced layers (first and last included) or an explicit list."""
+@register_recipe
+class Recipe(RecipeBase):
+    """A language-model run: teacher, student, data, method (+ baselines trained the same way), training,
+    evaluation, teacher cache."""
 
-    keep_layers: int | None = Field(default=None, ge=1)
-    layers: list[int] | None = None
+    family: ClassVar[str] = "lm"
 
-    @model_validator(mode="after")
-    def _one_of(self) -> PruneConfig:
-        if (self.keep_layers is None) == (self.layers is None):
-            raise ValueError("set exactly one of keep_layers or layers")
-        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
-            raise ValueError("layers must be a non-empty list of distinct indices")
-        return self
-
-
-class StudentConfig(Strict):
-    """How the student is made: a depth-pruned copy of the teacher, a fresh model from a config, or a
-    pretrained model."""
-
-    init: Literal["prune", "config", "pretrained"] = "prune"
-    prune: PruneConfig | None = None
-    config: dict[str, Any] | None = None
-    model: ModelConfig | None = None
-
-    @model_validator(mode="after")
-    def _matching_section(self) -> StudentConfig:
-        needed = {"prune": self.prune, "config": self.config, "pretrained": self.model}[self.init]
-        if needed is None:
-            section = {"prune": "prune", "config": "config", "pretrained": "model"}[self.init]
-            raise ValueError(f"init={self.init!r} needs the student.{section} section")
-        return self
-
-
-class DataFileConfig(Strict):
-    """A JSONL or Parquet file (or a `datasets` folder saved with save_to_disk) of `prompt`/`completion`
-    pairs or chat `messages`."""
-
-    path: str
-    limit: int | None = Field(default=None, ge=1)
-
-
-class GenerateConfig(Strict):
-    """Teacher completes every prompt first (sequence-KD data). Answers are stored under `store`, keyed by
-    a fingerprint of prompts, teacher and settings, so runs that share them (live, cached or served
-    teacher; resumed runs) generate once."""
-
-    store: str = "runs/.generated"
-    max_new_tokens: int = Field(default=64, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(default=1.0, gt=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    batch_size: int = Field(default=16, ge=1)
-
-
-class DataConfig(Strict):
-    train: DataFileConfig
-    eval: DataFileConfig | None = None
-    generate: GenerateConfig | None = None
-    system_prompt: str | None = None
-    max_length: int = Field(default=512, ge=8)
-    batch_size: int = Field(default=8, ge=1)
-    packing: bool = False
-    group_by_length: bool = True
-
-
-def _method_union() -> Any:
-    """The discriminated union of every registered method config (families register in distill.configs)."""
-    classes = tuple(METHOD_CONFIGS.get(n) for n in METHOD_CONFIGS.names())
-    return Annotated[Union[classes], Field(discriminator="name")]  # noqa: UP007 - built at run time
-
-
-if TYPE_CHECKING:
-    MethodConfig = MethodConfigBase
-else:
-    MethodConfig = _method_union()
-
-
-class OptimizerConfig(Strict):
-    """Per-group optimizer settings (`train.optimizers.<group>`); unset fields take the train.* values."""
-
-    lr: float | None = Field(default=None, gt=0)
-    weight_decay: float | None = Field(default=None, ge=0)
-    betas: tuple[float, float] | None = None
-    max_grad_norm: float | None = Field(default=None, gt=0)
-
-
-class TrainConfig(Strict):
-    steps: int = Field(default=100, ge=1)
-    lr: float = Field(default=5e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(default=0, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    grad_accum: int = Field(default=1, ge=1)
-    max_grad_norm: float | None = Field(default=1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    checkpoint_every: int = Field(default=0, ge=0)
-    chunk_size: int = Field(default=1024, ge=1)
-    threads: int | None = Field(default=None, ge=1)
-    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
-    deterministic: bool = True
-    optimizers: dict[str, OptimizerConfig] = Field(default_factory=dict)
-
-
-class CacheConfig(Strict):
-    """Where and how `distill cache` stores the teacher's top-k (read back with teacher.kind: cache)."""
-
-    path: str = "runs/{name}/teacher-cache"
-    k: int = Field(default=64, ge=1)
-    temperature: float = Field(default=1.0, gt=0)
-    shard_size: int = Field(default=256, ge=1)
-    batch_size: int = Field(default=8, ge=1)
-    value_step: float = Field(default=0.02, gt=0)  # log-prob quantisation step (in sqrt-p); smaller = exacter, bigger
-    zstd_level: int = Field(default=19, ge=1, le=22)
-
-
-class EvalConfig(Strict):
-    batch_size: int = Field(default=8, ge=1)
-    before: bool = True
-    position_buckets: list[int] = Field(default_factory=lambda: [0, 8, 16, 32, 64, 128, 256])
-
-    @field_validator("position_buckets")
-    @classmethod
-    def _increasing(cls, v: list[int]) -> list[int]:
-        if not v or v[0] != 0 or any(b <= a for a, b in zip(v, v[1:], strict=False)):
-            raise ValueError("must start at 0 and increase strictly")
-        return v
-
-
-class Recipe(Strict):
-    """One run: teacher, student, data, method (+ baselines trained the same way), training, evaluation."""
-
-    name: str = "run"
-    description: str = ""
-    seed: int = 0
-    output_dir: str = "runs/{name}"
     teacher: TeacherConfig | None = None
     student: StudentConfig
     data: DataConfig
     method: MethodConfig
     baselines: list[MethodConfig] = Field(default_factory=list)
-    train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
 
-    seeds: list[int] | None = None  # run every method once per seed; the report gives mean and interval
-
     @model_validator(mode="after")
-    def _capabilities(self) -> Recipe:
-        methods: list[MethodConfigBase] = [self.method, *self.baselines]
-        fields = ["method", *(f"baselines.{i}" for i in range(len(self.baselines)))]
-        provides: frozenset[str] = getattr(self.teacher, "provides", frozenset())
-        for field, m in zip(fields, methods, strict=True):
-            missing = sorted(m.teacher_needs - provides)
-            if missing and self.teacher is None:
-                raise ValueError(f"{field}: method {m.name!r} needs a teacher section")
-            if missing:
-                raise ValueError(
-                    f"{field}: method {m.name!r} needs the teacher's {', '.join(missing)}, which "
-                    f"teacher.kind={self.teacher.kind!r} does not provide"  # type: ignore[union-attr]
-                )
-            try:
-                m.check(self)
-            except ValueError as err:
-                raise ValueError(f"{field}: {err}") from None
+    def _prune_source(self) -> Recipe:
         if self.student.init == "prune" and local_teacher_source(self.teacher) is None:
-            raise ValueError("student.init='prune' prunes the teacher: the teacher section needs local weights")
-        groups = {g for m in methods for g in m.optimizer_groups}
-        unknown = sorted(set(self.train.optimizers) - groups)
-        if unknown:
-            raise ValueError(f"train.optimizers.{unknown[0]}: no method of this run has that optimizer group ({sorted(groups)})")
-        labels = [m.display for m in methods]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"method and baselines need distinct labels (set `label:`), got {labels}")
-        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
-            raise ValueError("seeds: must be a non-empty list of distinct integers")
+            raise ValueError(
+                "student.init='prune' prunes the teacher: the teacher section needs local weights"
+            )
         return self
 
-    def run_seeds(self) -> list[int]:
-        return list(self.seeds) if self.seeds else [self.seed]
-
-    def run_dir(self) -> Path:
-        return Path(self.output_dir.format(name=self.name))
+    def preflight(self) -> None:
+        preflight(self)
 
     def cache_dir(self) -> Path:
         return Path(self.cache.path.format(name=self.name))
@@ -248,7 +124,9 @@ def preflight(recipe: Recipe) -> None:
     """Check every input file and model folder exists, and that the teacher can satisfy the recipe, before
     any model loads (minutes saved on a typo)."""
     for field, data_file in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
-        if data_file is not None and not probe_path(f"{field}.path", resolve_path(data_file.path), Path.exists):
+        if data_file is not None and not probe_path(
+            f"{field}.path", resolve_path(data_file.path), Path.exists
+        ):
             raise InputError(f"{field}.path: data file not found: {resolve_path(data_file.path)}")
     sources = [(f"teacher.{name}", src) for name, src in teacher_sources(recipe.teacher)]
     if recipe.student.model is not None:
@@ -287,7 +165,11 @@ def _check_teacher_facts(recipe: Recipe) -> None:
     prune = recipe.student.prune
     if facts is not None and facts.layers and recipe.student.init == "prune" and prune is not None:
         check_prune_fits(prune.keep_layers, prune.layers, facts.layers)
-    if facts is not None and facts.vocab and isinstance(recipe.teacher, LiveTeacherConfig | ServedTeacherConfig):
+    if (
+        facts is not None
+        and facts.vocab
+        and isinstance(recipe.teacher, LiveTeacherConfig | ServedTeacherConfig)
+    ):
         check_top_k_fits(recipe.cache.k, facts.vocab)
 
 
@@ -334,7 +216,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         raise RecipeError(f"override '{key}': parent is not a section")
 
 
-def parse_recipe(data: Any, overrides: list[str] | None = None) -> Recipe:
+def parse_recipe(data: Any, overrides: list[str] | None = None) -> RecipeBase:
+    """Validate a recipe mapping as its family's recipe class (picked from the method's name)."""
     if not isinstance(data, dict):
         raise RecipeError("recipe: the top level must be a mapping")
     for assignment in overrides or []:
@@ -342,21 +225,32 @@ def parse_recipe(data: Any, overrides: list[str] | None = None) -> Recipe:
             apply_override(data, assignment)
         except IndexError:
             raise RecipeError(f"override {assignment!r}: the list has no item at that index") from None
+    method = data.get("method")
+    name = method.get("name") if isinstance(method, dict) else None
+    if isinstance(name, str) and name not in METHOD_CONFIGS.names():
+        raise RecipeError(
+            f"recipe field 'method.name': unknown method {name!r} (known: {', '.join(METHOD_CONFIGS.names())})"
+        )
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = RECIPES.get(recipe_family(data)).model_validate(data)
     except ValidationError as err:
         raise RecipeError(_format_error(err)) from None
     _check_templates(recipe)
     return recipe
 
 
-def _check_templates(recipe: Recipe) -> None:
+def _check_templates(recipe: RecipeBase) -> None:
     """`output_dir` and `cache.path` may use `{name}` only; anything else would fail at the end of a run."""
-    for field, method in (("output_dir", recipe.run_dir), ("cache.path", recipe.cache_dir)):
+    templates: list[tuple[str, Callable[[], Path]]] = [("output_dir", recipe.run_dir)]
+    if isinstance(recipe, Recipe):
+        templates.append(("cache.path", recipe.cache_dir))
+    for field, method in templates:
         try:
             method()
         except (KeyError, IndexError, AttributeError, ValueError) as err:
-            raise RecipeError(f"{field}: only {{name}} may appear in braces ({type(err).__name__}: {err})") from None
+            raise RecipeError(
+                f"{field}: only {{name}} may appear in braces ({type(err).__name__}: {err})"
+            ) from None
 
 
 def builtin_recipes_dir() -> Path:
@@ -380,7 +274,7 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     raise InputError(f"recipe file not found: {_shorten(name_or_path)}")
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> RecipeBase:
     """Read a YAML recipe (a path or a built-in name), apply `--set` overrides, validate."""
     path = resolve_recipe_path(name_or_path)
     try:
@@ -390,11 +284,22 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise RecipeError(f"{path}{where}: not valid YAML") from None
     except UnicodeDecodeError as err:
-        raise InputError(f"recipe {path}: not a UTF-8 text file (byte {err.start} cannot be decoded)") from None
+        raise InputError(
+            f"recipe {path}: not a UTF-8 text file (byte {err.start} cannot be decoded)"
+        ) from None
     except OSError as err:
         raise InputError(f"cannot read recipe {path}: {err.strerror or err}") from None
     return parse_recipe(data, overrides)
 
 
-def dump_recipe(recipe: Recipe) -> str:
+def lm_recipe(recipe: RecipeBase, command: str) -> Recipe:
+    """The recipe as a language-model recipe, for the commands only that family has (cache, generate)."""
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(
+            f"distill {command} is for language-model recipes; this recipe's method is of the {recipe.family} family"
+        )
+    return recipe
+
+
+def dump_recipe(recipe: RecipeBase) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -22,7 +22,9 @@ from distill.recipe import ModelConfig, Recipe, preflight, probe_path
 from distill.teachers.factory import open_teacher
 
 
-def evaluate_saved(recipe: Recipe, student_dir: Path, output: Path | None, progress: Progress) -> tuple[dict[str, Any], Path]:
+def evaluate_saved(
+    recipe: Recipe, student_dir: Path, output: Path | None, progress: Progress
+) -> tuple[dict[str, Any], Path]:
     if recipe.teacher is None:
         raise RecipeError("teacher: `distill eval` compares the student with the recipe's teacher")
     if recipe.data.eval is None:
@@ -98,4 +100,8 @@ def cache_teacher(recipe: Recipe, progress: Progress) -> dict[str, Any]:
         progress=progress,
     )
     prep.teacher.close()
-    return {"path": str(recipe.cache_dir()), "tokens": manifest.total_tokens, "bytes_per_token": manifest.bytes_per_token}
+    return {
+        "path": str(recipe.cache_dir()),
+        "tokens": manifest.total_tokens,
+        "bytes_per_token": manifest.bytes_per_token,
+    }

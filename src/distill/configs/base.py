@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from distill.registry import Registry
 
 if TYPE_CHECKING:
-    from distill.recipe import Recipe
+    from distill.recipe_base import RecipeBase
 
 # What a teacher signal can be (teacher kinds list what they provide, methods what they need):
 DISTRIBUTION = "distribution"  # next-token distribution at given positions, dense or top-k
@@ -43,7 +43,7 @@ class MethodConfigBase(Strict):
     def display(self) -> str:
         return self.label or self.name
 
-    def check(self, recipe: Recipe) -> None:  # noqa: B027 - optional hook
+    def check(self, recipe: RecipeBase) -> None:  # noqa: B027 - optional hook
         """Raise ValueError naming the field when this method cannot run in `recipe`."""
 
 

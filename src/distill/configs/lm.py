@@ -9,7 +9,7 @@ from pydantic import Field
 from distill.configs.base import DISTRIBUTION, MethodConfigBase, register_method_config
 
 if TYPE_CHECKING:
-    from distill.recipe import Recipe
+    from distill.recipe_base import RecipeBase
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 
@@ -37,7 +37,10 @@ class SeqKDConfig(MethodConfigBase):
 
     name: Literal["seq_kd"] = "seq_kd"
 
-    def check(self, recipe: Recipe) -> None:
+    def check(self, recipe: RecipeBase) -> None:
+        from distill.recipe import Recipe
+
+        assert isinstance(recipe, Recipe)
         if recipe.teacher is None:
             raise ValueError("method 'seq_kd' needs a teacher section")
         if recipe.data.generate is None:

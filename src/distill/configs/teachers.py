@@ -58,7 +58,9 @@ class CachedTeacherConfig(Strict):
 
     kind: Literal["cache"] = "cache"
     path: str
-    memory_mb: float = Field(default=2048.0, gt=0)  # decoded shards kept in memory (>= cache size: no re-reads)
+    memory_mb: float = Field(
+        default=2048.0, gt=0
+    )  # decoded shards kept in memory (>= cache size: no re-reads)
     tokenizer: ModelConfig | None = None  # defaults to the tokenizer recorded in the cache manifest
 
     provides: ClassVar[frozenset[str]] = frozenset({DISTRIBUTION})

@@ -43,11 +43,22 @@ def teacher_answers(
             prompts, gen.max_new_tokens, gen.temperature if gen.do_sample else 0.0, gen.top_p, recipe.seed
         )
         progress.finish()
-        return [replace(ex, completion=o.text.strip(), finished=o.finished) for ex, o in zip(examples, outs, strict=True)]
+        return [
+            replace(ex, completion=o.text.strip(), finished=o.finished)
+            for ex, o in zip(examples, outs, strict=True)
+        ]
     if teacher.model is None:
-        raise RecipeError("data.generate: generation needs the teacher's weights (a live teacher or a local copy)")
+        raise RecipeError(
+            "data.generate: generation needs the teacher's weights (a live teacher or a local copy)"
+        )
     return generate_completions(
-        teacher.model, teacher.tokenizer, examples, gen, system_prompt=system, seed=recipe.seed, progress=progress
+        teacher.model,
+        teacher.tokenizer,
+        examples,
+        gen,
+        system_prompt=system,
+        seed=recipe.seed,
+        progress=progress,
     )
 
 
@@ -92,5 +103,3 @@ def generated_data(
     done = teacher_answers(recipe, teacher, examples, progress)
     write_jsonl_atomic(path, (example_row(ex) for ex in done))
     return done
-
-

@@ -54,7 +54,9 @@ class Batch:
         is 1, at the start of the row) or several (packed: position ids restart at each sequence). The
         cache and the served teacher both split batches through here."""
         if select.shape != self.input_ids.shape:
-            raise CompatibilityError(f"select {tuple(select.shape)} does not match the batch {tuple(self.input_ids.shape)}")
+            raise CompatibilityError(
+                f"select {tuple(select.shape)} does not match the batch {tuple(self.input_ids.shape)}"
+            )
         sel = select.detach().cpu().bool()
         pos = self.position_ids.detach().cpu()
         mask = None if self.attention_mask is None else self.attention_mask.detach().cpu().bool()
@@ -145,7 +147,11 @@ def _targets(ex: TokenizedExample) -> list[int]:
 
 
 def collate(
-    examples: list[TokenizedExample], rows: list[list[int]], pad_id: int, packing: bool, pad_to_multiple: int = 8
+    examples: list[TokenizedExample],
+    rows: list[list[int]],
+    pad_id: int,
+    packing: bool,
+    pad_to_multiple: int = 8,
 ) -> Batch:
     """Build tensors for one batch. Padding goes to the longest row (rounded up to `pad_to_multiple`)."""
     seqs: list[list[int]] = []

@@ -25,7 +25,9 @@ def _as_ids(out: object) -> list[int]:
     return list(out)  # type: ignore[call-overload]
 
 
-def prompt_ids(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], system_prompt: str | None) -> list[int]:
+def prompt_ids(
+    tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], system_prompt: str | None
+) -> list[int]:
     """Ids of the conversation up to and including the assistant header (what generation starts from)."""
     msgs = list(messages)
     if system_prompt is not None and (not msgs or msgs[0]["role"] != "system"):

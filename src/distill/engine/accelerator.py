@@ -18,7 +18,9 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     for tracker in cfg.trackers:
         package = _TRACKER_PACKAGES[tracker]
         if importlib.util.find_spec(package) is None:
-            raise RecipeError(f"train.trackers: {tracker!r} needs the {package} package (pip install {package})")
+            raise RecipeError(
+                f"train.trackers: {tracker!r} needs the {package} package (pip install {package})"
+            )
     return Accelerator(
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",
         cpu=not torch.cuda.is_available(),

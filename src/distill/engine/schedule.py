@@ -19,7 +19,9 @@ def lr_lambda(step: int, *, total: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(opt: torch.optim.Optimizer, *, total: int, warmup: int, kind: str) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    opt: torch.optim.Optimizer, *, total: int, warmup: int, kind: str
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, total=total, warmup=warmup, kind=kind)
     )

@@ -50,11 +50,15 @@ class _Group:
 def _rewrite_metrics(path: Path, upto_step: int) -> None:
     """On resume, drop metric rows past the checkpoint so the file reads as one uninterrupted run."""
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= upto_step]
+        keep = [
+            line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= upto_step
+        ]
         write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
-def _build_groups(method: Method, cfg: TrainConfig, acc: Accelerator, wrapped: dict[str, torch.nn.Module]) -> dict[str, _Group]:
+def _build_groups(
+    method: Method, cfg: TrainConfig, acc: Accelerator, wrapped: dict[str, torch.nn.Module]
+) -> dict[str, _Group]:
     groups = method.groups()
     updates = {g: 0 for g in groups}
     for phase in method.phases():
@@ -63,19 +67,25 @@ def _build_groups(method: Method, cfg: TrainConfig, acc: Accelerator, wrapped: d
         updates[phase.group] += phase.updates
     out: dict[str, _Group] = {}
     for name, module_names in groups.items():
-        params = [p for m in module_names for p in acc.unwrap_model(wrapped[m]).parameters() if p.requires_grad]
+        params = [
+            p for m in module_names for p in acc.unwrap_model(wrapped[m]).parameters() if p.requires_grad
+        ]
         if not params:
             raise RecipeError(f"method {method.name}: optimizer group {name!r} has no trainable parameters")
         settings = group_settings(cfg, name)
         raw_opt = make_adamw(params, settings)
         total = max(1, cfg.steps * updates[name])
-        sched = make_scheduler(raw_opt, total=total, warmup=cfg.warmup_steps * max(1, updates[name]), kind=cfg.schedule)
+        sched = make_scheduler(
+            raw_opt, total=total, warmup=cfg.warmup_steps * max(1, updates[name]), kind=cfg.schedule
+        )
         opt = acc.prepare(raw_opt)
         out[name] = _Group(params, opt, sched, settings["max_grad_norm"])
     return out
 
 
-def next_micro_batches(acc: Accelerator, method: Method, stream: Stream, phase: Phase, grad_accum: int) -> list[Any]:
+def next_micro_batches(
+    acc: Accelerator, method: Method, stream: Stream, phase: Phase, grad_accum: int
+) -> list[Any]:
     """The micro-batches of one update, on the device, prepared by the method without gradients."""
     micro = []
     for _ in range(grad_accum):
@@ -99,7 +109,9 @@ def accumulate_gradients(
     micro-batches of B/k give the same gradient as one batch of B, and N processes the same as one.
     Returns (loss units on all processes, {"loss", parts...} as global means, summed batch stats)."""
     phase = phase or method.phases()[0]
-    local = torch.tensor([sum(float(method.loss_units(b, phase)) for b in micro)], dtype=torch.float64, device=acc.device)
+    local = torch.tensor(
+        [sum(float(method.loss_units(b, phase)) for b in micro)], dtype=torch.float64, device=acc.device
+    )
     total_units = float(acc.gather(local).sum())
     # DDP averages gradients over processes, so each process divides by total/world to get a sum.
     normalizer = max(total_units, 1.0) / acc.num_processes
@@ -119,7 +131,9 @@ def accumulate_gradients(
         for k, v in (batch.stats() if hasattr(batch, "stats") else {}).items():
             stats[k] = stats.get(k, 0.0) + float(v)
     if acc.num_processes > 1 and parts_sum:  # each process holds its share of the global mean
-        summed = acc.reduce(torch.tensor(list(parts_sum.values()), dtype=torch.float64, device=acc.device), reduction="sum")
+        summed = acc.reduce(
+            torch.tensor(list(parts_sum.values()), dtype=torch.float64, device=acc.device), reduction="sum"
+        )
         parts_sum = dict(zip(parts_sum, summed.tolist(), strict=True))
     return total_units, parts_sum, stats
 
@@ -230,7 +244,9 @@ def train(
     for module in raw.values():
         module.eval()
     seconds = time.perf_counter() - started
-    return TrainResult(steps=cfg.steps, seconds=seconds, history=history, resumed_from=resumed_from, notes=notes)
+    return TrainResult(
+        steps=cfg.steps, seconds=seconds, history=history, resumed_from=resumed_from, notes=notes
+    )
 
 
 def _checkpoint(

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from distill.eval.report_classes import CLASS_PLOT, plot_per_class
 from distill.eval.report_columns import declared_columns
 from distill.eval.report_doc import Doc, render_markdown
 from distill.eval.report_format import as_dict, as_float, fmt_count, fmt_int
@@ -179,6 +180,10 @@ def write_report(run_dir: Path, summary: dict[str, Any], recipe_yaml: str) -> No
         plots[LOSS_PLOT] = "Training loss per method"
     if plot_kl_by_position(summary, names, run_dir / KL_PLOT):
         plots[KL_PLOT] = "Held-out KL(teacher‖student) by answer position, before and after training"
+    if plot_per_class(summary, names, run_dir / CLASS_PLOT):
+        plots[CLASS_PLOT] = (
+            "Per-class test accuracy (teacher and methods) and the primary method's confusion matrix"
+        )
     doc = _build(run_dir, summary, recipe_yaml or "", plots)
     write_text_atomic(run_dir / "report.md", render_markdown(doc))
     title = f"Distillation report: {summary.get('name') or run_dir.name}"

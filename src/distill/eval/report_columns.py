@@ -21,7 +21,11 @@ def declared_columns(summary: dict[str, Any]) -> list[dict[str, str]]:
     found = summary.get("columns")
     if not isinstance(found, list):
         return []
-    return [c for c in found if isinstance(c, dict) and isinstance(c.get("key"), str) and isinstance(c.get("title"), str)]
+    return [
+        c
+        for c in found
+        if isinstance(c, dict) and isinstance(c.get("key"), str) and isinstance(c.get("title"), str)
+    ]
 
 
 def _fmt(column: dict[str, str]) -> Any:
@@ -39,16 +43,20 @@ def _row(label: str, ev: Any, interval: Any, columns: list[dict[str, str]]) -> l
 
 def declared_results_table(summary: dict[str, Any], names: list[str], columns: list[dict[str, str]]) -> Table:
     methods = as_dict(summary.get("methods"))
-    rows = []
+    rows = [_row(label, ev, None, columns) for label, ev in as_dict(summary.get("references")).items()]
     if as_dict(summary.get("before")):
         rows.append(_row(BEFORE_LABEL, summary.get("before"), summary.get("before_interval"), columns))
     for name in names:
         entry = as_dict(methods[name])
-        rows.append(_row(method_label(name, summary), entry.get("after"), entry.get("after_interval"), columns))
+        rows.append(
+            _row(method_label(name, summary), entry.get("after"), entry.get("after_interval"), columns)
+        )
     return Table(_headers(columns), rows, ["l"] + ["r"] * len(columns))
 
 
-def declared_per_seed_table(summary: dict[str, Any], names: list[str], columns: list[dict[str, str]]) -> Table | None:
+def declared_per_seed_table(
+    summary: dict[str, Any], names: list[str], columns: list[dict[str, str]]
+) -> Table | None:
     methods = as_dict(summary.get("methods"))
     rows = [
         _row(f"{method_label(name, summary)}, seed {seed}", as_dict(entry.get("after")), None, columns)

@@ -26,7 +26,8 @@ def _cells(label: str, ev: Any, interval: Any, columns: list[tuple[str, str, Any
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
-    """Header plus one line per model (the student before training, then each method, primary first).
+    """Header plus one line per model (references such as the teacher, the student before training, then
+    each method, primary first).
 
     Where the summary holds a seed interval a cell reads "mean ± half-width" of the 95 % t interval;
     otherwise it is the plain number, "—" where missing. Columns are padded to line up in a terminal.
@@ -35,6 +36,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     methods = as_dict(summary.get("methods"))
     columns = text_columns(declared_columns(summary)) or _COLUMNS
     rows = [["model"] + [column[0] for column in columns]]
+    for label, ev in as_dict(summary.get("references")).items():
+        rows.append(_cells(label, ev, None, columns))
     if as_dict(summary.get("before")):
         rows.append(_cells(BEFORE_LABEL, summary.get("before"), summary.get("before_interval"), columns))
     for name in method_order(summary):

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from distill.configs.base import MethodConfigBase
 from distill.methods.base import Method, Stream
 from distill.progress import Progress
-from distill.recipe import Recipe
+from distill.recipe_base import RecipeBase
 from distill.registry import Registry
 
 
@@ -20,7 +20,7 @@ class Family(ABC):
     name: str = "abstract"
 
     @abstractmethod
-    def prepare(self, recipe: Recipe, acc: Accelerator, progress: Progress) -> None:
+    def prepare(self, recipe: RecipeBase, acc: Accelerator, progress: Progress) -> None:
         """Load and tokenise once per run; slow shared work (teacher generation) on the main process
         first, the others then read what it stored."""
 
@@ -29,7 +29,8 @@ class Family(ABC):
         """A fresh method (with a fresh copy of the student's init) for one training run."""
 
     @abstractmethod
-    def make_stream(self, seed: int) -> Stream: ...
+    def make_stream(self, method: Method, seed: int) -> Stream:
+        """The batches `method` trains on (a method may train on more rows, e.g. unlabelled ones)."""
 
     @abstractmethod
     def evaluate(self, method: Method | None, progress: Progress) -> dict[str, Any] | None:

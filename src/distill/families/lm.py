@@ -29,6 +29,7 @@ from distill.models.loading import load_tokenizer, shared_vocab
 from distill.models.student import build_student
 from distill.progress import Progress
 from distill.recipe import Recipe
+from distill.recipe_base import RecipeBase
 from distill.teachers.factory import TeacherHandle, open_teacher
 from distill.teachers.live import LiveTeacherSource
 
@@ -101,14 +102,22 @@ def prepare(
         raise RecipeError("student: without a teacher, init must be 'pretrained' (a tokenizer is needed)")
     if teacher is not None:
         ref = student if student is not None else teacher.model
-        vocab = shared_vocab(teacher.tokenizer, teacher.model, ref, tokenizer) if ref is not None else len(tokenizer)
+        vocab = (
+            shared_vocab(teacher.tokenizer, teacher.model, ref, tokenizer)
+            if ref is not None
+            else len(tokenizer)
+        )
     else:
         assert student is not None
         vocab = int(student.config.vocab_size)
-    train_tok, dropped = tokenize_examples(tokenizer, train_examples, recipe.data.max_length, recipe.data.system_prompt)
+    train_tok, dropped = tokenize_examples(
+        tokenizer, train_examples, recipe.data.max_length, recipe.data.system_prompt
+    )
     if not train_tok:
         raise InputError(f"{recipe.data.train.path}: no usable training examples (all {dropped} dropped)")
-    eval_tok, _ = tokenize_examples(tokenizer, eval_examples, recipe.data.max_length, recipe.data.system_prompt)
+    eval_tok, _ = tokenize_examples(
+        tokenizer, eval_examples, recipe.data.max_length, recipe.data.system_prompt
+    )
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     return Prepared(teacher, tokenizer, vocab, pad_id, train_tok, dropped, eval_tok, student, info, timing)
 
@@ -117,7 +126,8 @@ def prepare(
 class LMFamily(Family):
     name = "lm"
 
-    def prepare(self, recipe: Recipe, acc: Accelerator, progress: Progress) -> None:
+    def prepare(self, recipe: RecipeBase, acc: Accelerator, progress: Progress) -> None:
+        assert isinstance(recipe, Recipe)
         self.recipe = recipe
         self.device = acc.device
         self.prep = prepare(recipe, progress, acc=acc)
@@ -137,7 +147,7 @@ class LMFamily(Family):
         method: Method = METHODS.get(cfg.name)(cfg, ctx)  # type: ignore[call-arg]
         return method
 
-    def make_stream(self, seed: int) -> BatchStream:
+    def make_stream(self, method: Method, seed: int) -> BatchStream:
         data = self.recipe.data
         return BatchStream(
             self.prep.train,

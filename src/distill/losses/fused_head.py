@@ -302,7 +302,9 @@ def reference_head_loss(
     """
     spec = spec if spec is not None else DivergenceSpec()
     normalizer = float(normalizer)
-    _validate(hidden, weight, labels, teacher_logits is not None, kd_weight, ce_weight, normalizer, chunk_size)
+    _validate(
+        hidden, weight, labels, teacher_logits is not None, kd_weight, ce_weight, normalizer, chunk_size
+    )
     cdtype = _compute_dtype(hidden.dtype, weight.dtype)
     mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     logits = (hidden.to(mm_dtype) @ weight.to(mm_dtype).T).to(cdtype)

@@ -46,7 +46,9 @@ class SparseTopK:
         if self.tail not in TAIL_POLICIES:
             raise ValueError(f"tail: unknown policy {self.tail!r}; expected one of {TAIL_POLICIES}")
         if self.ids.shape != self.logprobs.shape or self.ids.dim() != 2:
-            raise ValueError(f"ids and logprobs must both be (N, k), got {tuple(self.ids.shape)} and {tuple(self.logprobs.shape)}")
+            raise ValueError(
+                f"ids and logprobs must both be (N, k), got {tuple(self.ids.shape)} and {tuple(self.logprobs.shape)}"
+            )
         if not self.capture_temperature > 0:
             raise ValueError(f"capture_temperature: must be > 0, got {self.capture_temperature!r}")
 
@@ -81,7 +83,9 @@ def sparse_value_and_grad(
     if use_tail:
         t = spec.temperature
         outside = (z / t).scatter(1, ids, float("-inf"))
-        lse_out = torch.logsumexp(outside, dim=-1, keepdim=True)  # log of the student's tail at T, unnormalised
+        lse_out = torch.logsumexp(
+            outside, dim=-1, keepdim=True
+        )  # log of the student's tail at T, unnormalised
         s_cat = torch.cat([s_cat, t * lse_out], dim=1)
         t_cat = torch.cat([t_cat, _log_tail(teacher.logprobs).to(dtype) * teacher.capture_temperature], dim=1)
     values, g_cat = divergence_value_and_grad(s_cat, t_cat, spec, grad_scale=grad_scale)

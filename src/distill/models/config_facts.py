@@ -44,7 +44,9 @@ def read_facts(folder: Path, gguf_file: str | None) -> ModelFacts | None:
 def check_prune_fits(keep_layers: int | None, layers: list[int] | None, total: int) -> None:
     """Refuse a depth-pruning choice the teacher cannot satisfy, naming the recipe field."""
     if keep_layers is not None and keep_layers > total:
-        raise RecipeError(f"student.prune.keep_layers: {keep_layers} is more than the teacher's {total} layers")
+        raise RecipeError(
+            f"student.prune.keep_layers: {keep_layers} is more than the teacher's {total} layers"
+        )
     bad = [i for i in layers or [] if not 0 <= i < total]
     if bad:
         raise RecipeError(

@@ -142,7 +142,9 @@ def shared_vocab(
         raise CompatibilityError("teacher or student has no output embedding (LM head)")
     sizes = [int(h.weight.shape[0]) for h in heads if h is not None]
     if min(sizes) < real:
-        raise CompatibilityError(f"an LM head ({min(sizes)} rows) is smaller than the tokenizer ({real} tokens)")
+        raise CompatibilityError(
+            f"an LM head ({min(sizes)} rows) is smaller than the tokenizer ({real} tokens)"
+        )
     # Heads padded past the tokenizer (151936 vs 152064 over one tokenizer) hold no real tokens: slice.
     return real
 

@@ -36,7 +36,9 @@ def prune_depth(teacher: PreTrainedModel, prune: PruneConfig) -> tuple[PreTraine
     """Copy the teacher keeping only some decoder layers; embeddings, final norm and head are copied too."""
     total = teacher.config.num_hidden_layers
     check_prune_fits(None, prune.layers, total)
-    keep = prune.layers if prune.layers is not None else evenly_spaced_layers(total, prune.keep_layers or total)
+    keep = (
+        prune.layers if prune.layers is not None else evenly_spaced_layers(total, prune.keep_layers or total)
+    )
     keep = sorted(keep)
     changes: dict[str, Any] = {"num_hidden_layers": len(keep)}
     layer_types = getattr(teacher.config, "layer_types", None)
@@ -59,7 +61,9 @@ def prune_depth(teacher: PreTrainedModel, prune: PruneConfig) -> tuple[PreTraine
     if student.config.tie_word_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise RecipeError(f"student.prune: weights did not map cleanly (missing {missing[:3]}, extra {unexpected[:3]})")
+        raise RecipeError(
+            f"student.prune: weights did not map cleanly (missing {missing[:3]}, extra {unexpected[:3]})"
+        )
     student.tie_weights()
     return student, keep
 
@@ -72,7 +76,9 @@ def _layers_prefix(model: PreTrainedModel) -> str:
     raise RecipeError("student.prune: cannot locate the decoder layer list")
 
 
-def build_student(cfg: StudentConfig, teacher: PreTrainedModel | None) -> tuple[PreTrainedModel, dict[str, Any]]:
+def build_student(
+    cfg: StudentConfig, teacher: PreTrainedModel | None
+) -> tuple[PreTrainedModel, dict[str, Any]]:
     """Return the student model and a small description for the report."""
     if cfg.init == "prune":
         assert cfg.prune is not None and teacher is not None

@@ -41,7 +41,11 @@ class TeacherHandle:
 
     def exact(self, vocab_size: int) -> LiveTeacherSource | None:
         """The full-distribution teacher for held-out evaluation, when its weights are here."""
-        return LiveTeacherSource(self.model, vocab_size, prefix_cache=self.prefix_cache) if self.model is not None else None
+        return (
+            LiveTeacherSource(self.model, vocab_size, prefix_cache=self.prefix_cache)
+            if self.model is not None
+            else None
+        )
 
     def close(self) -> None:
         if self.remote is not None:

@@ -116,7 +116,9 @@ class PrefixCache:
             real = batch.attention_mask.bool()
             rel = float((out[real] - plain[real]).norm() / plain[real].norm().clamp_min(1e-30))
             if rel > self.tolerance:
-                self._disable(f"prefix-cached hidden states differ from the plain forward (relative error {rel:.1e})")
+                self._disable(
+                    f"prefix-cached hidden states differ from the plain forward (relative error {rel:.1e})"
+                )
                 return plain
             self.verified = True
         return out

@@ -26,7 +26,9 @@ class LogitKD(LMMethod):
 
     def __init__(self, cfg: LogitKDConfig, ctx: LMContext) -> None:
         super().__init__(cfg, ctx)
-        self.spec = DivergenceSpec(name=cfg.divergence, temperature=cfg.temperature, beta=cfg.beta, alpha=cfg.alpha)
+        self.spec = DivergenceSpec(
+            name=cfg.divergence, temperature=cfg.temperature, beta=cfg.beta, alpha=cfg.alpha
+        )
 
     def loss(self, ctx: StepContext, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         teacher = self.lm.teacher
@@ -34,13 +36,17 @@ class LogitKD(LMMethod):
         rows = self.student_rows(ctx, batch)
         signal = teacher.signal(batch, rows.select)
         if signal.num_rows != rows.hidden.shape[0]:
-            raise CompatibilityError(f"teacher gave {signal.num_rows} positions for {rows.hidden.shape[0]} answer tokens")
+            raise CompatibilityError(
+                f"teacher gave {signal.num_rows} positions for {rows.hidden.shape[0]} answer tokens"
+            )
         dense = signal.logits if isinstance(signal, TeacherSignal) else None
         fresh = isinstance(signal, TeacherSignal) and signal.fresh
         sparse = None
         if isinstance(signal, SparseTeacherSignal):
             device = rows.hidden.device
-            sparse = SparseTopK(signal.ids.to(device), signal.logprobs.to(device), signal.temperature, self.cfg.tail)
+            sparse = SparseTopK(
+                signal.ids.to(device), signal.logprobs.to(device), signal.temperature, self.cfg.tail
+            )
         loss, parts = chunked_head_loss(
             rows.hidden,
             rows.weight,

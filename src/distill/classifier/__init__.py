@@ -1,0 +1,1 @@
+"""The classifier family's building blocks: a small model zoo, datasets and batch augmentations."""

@@ -1,0 +1,102 @@
+"""The language-model family's recipe sections: how the student is made, the data files, teacher
+generation, the teacher cache and held-out evaluation (torch-free)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from distill.configs.base import Strict
+from distill.configs.teachers import ModelConfig
+from distill.recipe_base import EvalConfigBase
+
+
+class PruneConfig(Strict):
+    """Depth pruning: keep `keep_layers` evenly spaced layers (first and last included) or an explicit list."""
+
+    keep_layers: int | None = Field(default=None, ge=1)
+    layers: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> PruneConfig:
+        if (self.keep_layers is None) == (self.layers is None):
+            raise ValueError("set exactly one of keep_layers or layers")
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
+            raise ValueError("layers must be a non-empty list of distinct indices")
+        return self
+
+
+class StudentConfig(Strict):
+    """How the student is made: a depth-pruned copy of the teacher, a fresh model from a config, or a
+    pretrained model."""
+
+    init: Literal["prune", "config", "pretrained"] = "prune"
+    prune: PruneConfig | None = None
+    config: dict[str, Any] | None = None
+    model: ModelConfig | None = None
+
+    @model_validator(mode="after")
+    def _matching_section(self) -> StudentConfig:
+        needed = {"prune": self.prune, "config": self.config, "pretrained": self.model}[self.init]
+        if needed is None:
+            section = {"prune": "prune", "config": "config", "pretrained": "model"}[self.init]
+            raise ValueError(f"init={self.init!r} needs the student.{section} section")
+        return self
+
+
+class DataFileConfig(Strict):
+    """A JSONL or Parquet file (or a `datasets` folder saved with save_to_disk) of `prompt`/`completion`
+    pairs or chat `messages`."""
+
+    path: str
+    limit: int | None = Field(default=None, ge=1)
+
+
+class GenerateConfig(Strict):
+    """Teacher completes every prompt first (sequence-KD data). Answers are stored under `store`, keyed by
+    a fingerprint of prompts, teacher and settings, so runs that share them (live, cached or served
+    teacher; resumed runs) generate once."""
+
+    store: str = "runs/.generated"
+    max_new_tokens: int = Field(default=64, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    batch_size: int = Field(default=16, ge=1)
+
+
+class DataConfig(Strict):
+    train: DataFileConfig
+    eval: DataFileConfig | None = None
+    generate: GenerateConfig | None = None
+    system_prompt: str | None = None
+    max_length: int = Field(default=512, ge=8)
+    batch_size: int = Field(default=8, ge=1)
+    packing: bool = False
+    group_by_length: bool = True
+
+
+class CacheConfig(Strict):
+    """Where and how `distill cache` stores the teacher's top-k (read back with teacher.kind: cache)."""
+
+    path: str = "runs/{name}/teacher-cache"
+    k: int = Field(default=64, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    shard_size: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    value_step: float = Field(
+        default=0.02, gt=0
+    )  # log-prob quantisation step (in sqrt-p); smaller = exacter, bigger
+    zstd_level: int = Field(default=19, ge=1, le=22)
+
+
+class EvalConfig(EvalConfigBase):
+    position_buckets: list[int] = Field(default_factory=lambda: [0, 8, 16, 32, 64, 128, 256])
+
+    @field_validator("position_buckets")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if not v or v[0] != 0 or any(b <= a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError("must start at 0 and increase strictly")
+        return v

@@ -1,0 +1,1 @@
+"""Graph data and plain-torch GNN teachers for GNN-to-MLP distillation (GLNN, VQGraph)."""
