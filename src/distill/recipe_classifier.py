@@ -172,9 +172,10 @@ class ClassifierRecipe(RecipeBase):
         return self
 
     def preflight(self) -> None:
-        for field in ("path", "edges", "features", "labels"):
+        fields = ("edges", "features", "labels") if isinstance(self.data, GraphFilesDataConfig) else ("path",)
+        for field in fields:
             value = getattr(self.data, field, None)
-            if value is not None and not resolve_path(value).exists():
+            if isinstance(value, str) and not resolve_path(value).exists():
                 raise InputError(f"data.{field}: not found: {resolve_path(value)}")
         if (
             self.teacher is not None

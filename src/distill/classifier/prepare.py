@@ -117,7 +117,6 @@ def _graph_rows(recipe: ClassifierRecipe) -> Rows:
     """Planetoid-style splits: `train_per_class` labelled nodes, validation, and the remaining nodes split
     in two: an unlabelled pool (its features and the teacher's soft labels may train the student) and the
     test nodes, which the student never sees in training."""
-    from distill.graphs.files import load_graph_files
     from distill.graphs.sbm import stochastic_block_model
 
     d = recipe.data
@@ -127,6 +126,8 @@ def _graph_rows(recipe: ClassifierRecipe) -> Rows:
             d.validation_fraction, d.split_seed,
         )  # fmt: skip
     else:
+        from distill.graphs.files import load_graph_files
+
         assert isinstance(d, GraphFilesDataConfig)
         graph = load_graph_files(
             resolve_path(d.edges), resolve_path(d.features), resolve_path(d.labels),

@@ -73,6 +73,7 @@ class ClassifierFamily(Family):
         self.timing = {"load_s": time.perf_counter() - t0}
         a = recipe.data.augment
         self.augment = Augment(a.crop_padding, a.flip, a.mixup_alpha, a.cutmix_alpha)
+        self._student(recipe.seed)  # a bad architecture or option fails now, not after the teacher trains
         self._dry_build()
         t0 = time.perf_counter()
         self.teacher: TeacherNet | None = None

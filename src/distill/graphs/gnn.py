@@ -9,7 +9,7 @@ and `code_soft_labels` give a simplified, VQGraph-flavoured (Yang et al. 2024) s
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,9 @@ def normalized_adjacency(edge_index: Tensor, num_nodes: int, add_self_loops: boo
     deg.index_add_(0, row, torch.ones_like(row, dtype=torch.float64))
     inv_sqrt = torch.where(deg > 0, deg.clamp_min(1e-300).rsqrt(), torch.zeros_like(deg))
     values = (inv_sqrt[row] * inv_sqrt[col]).float()
-    adj = torch.sparse_coo_tensor(torch.stack([row, col]), values, (num_nodes, num_nodes))
+    adj = torch.sparse_coo_tensor(
+        torch.stack([row, col]), values, (num_nodes, num_nodes), check_invariants=False
+    )
     return adj.coalesce()
 
 
@@ -55,7 +57,9 @@ def mean_adjacency(edge_index: Tensor, num_nodes: int) -> Tensor:
     deg = torch.zeros(num_nodes, dtype=torch.float32, device=row.device)
     deg.index_add_(0, row, torch.ones_like(row, dtype=torch.float32))
     values = 1.0 / deg[row]
-    adj = torch.sparse_coo_tensor(torch.stack([row, col]), values, (num_nodes, num_nodes))
+    adj = torch.sparse_coo_tensor(
+        torch.stack([row, col]), values, (num_nodes, num_nodes), check_invariants=False
+    )
     return adj.coalesce()
 
 
@@ -106,7 +110,7 @@ class GCN(GNN):
 
     def __init__(
         self, in_features: int, classes: int, hidden: int = 64, layers: int = 2, dropout: float = 0.5
-    ):
+    ) -> None:
         super().__init__(in_features, classes, hidden, layers, dropout)
         self.lins = nn.ModuleList(nn.Linear(a, b) for a, b in zip(self.dims[:-1], self.dims[1:], strict=True))
 
@@ -115,7 +119,7 @@ class GCN(GNN):
         return normalized_adjacency(edge_index, num_nodes, add_self_loops=True)
 
     def layer(self, i: int, h: Tensor, adj: Tensor) -> Tensor:
-        lin = self.lins[i]
+        lin = cast(nn.Linear, self.lins[i])
         # propagate after the bias-free product, add the bias once (as in the reference GCN)
         out = torch.sparse.mm(adj, h @ lin.weight.t())
         return out + lin.bias if lin.bias is not None else out
@@ -126,7 +130,7 @@ class GraphSAGE(GNN):
 
     def __init__(
         self, in_features: int, classes: int, hidden: int = 64, layers: int = 2, dropout: float = 0.5
-    ):
+    ) -> None:
         super().__init__(in_features, classes, hidden, layers, dropout)
         pairs = list(zip(self.dims[:-1], self.dims[1:], strict=True))
         self.self_lins = nn.ModuleList(nn.Linear(a, b) for a, b in pairs)

@@ -252,8 +252,8 @@ class NormDirection(FeatureKD):
 
     def __init__(self, ctx: ClassifierContext, cfg: NDConfig) -> None:
         super().__init__(ctx, cfg)
-        self.sums: torch.Tensor | None = None
-        self.counts = torch.zeros(ctx.classes, dtype=torch.float64)
+        self.sums: dict[str, torch.Tensor] = {}  # per pair: the teacher's embedding sum per class
+        self.counts: dict[str, torch.Tensor] = {}
 
     def make_projector(self, s_shape: tuple[int, ...], t_shape: tuple[int, ...]) -> torch.nn.Module | None:
         d_s, d_t = (as_vector(torch.zeros(sh)).shape[1] for sh in (s_shape, t_shape))
@@ -265,11 +265,13 @@ class NormDirection(FeatureKD):
         assert isinstance(self.cfg, NDConfig) and batch.teacher_logits is not None
         t_emb = as_vector(t)
         target = hard_targets(batch, teacher_logits_single(batch.teacher_logits))
-        if self.sums is None:
-            self.sums = torch.zeros(self.ctx.classes, t_emb.shape[1], dtype=torch.float64)
-        self.sums.index_add_(0, target.cpu(), t_emb.detach().cpu().double())
-        self.counts.index_add_(0, target.cpu(), torch.ones(len(target), dtype=torch.float64))
-        means = (self.sums / self.counts.clamp(min=1)[:, None]).to(t_emb)
+        key = str(i)
+        if key not in self.sums:
+            self.sums[key] = torch.zeros(self.ctx.classes, t_emb.shape[1], dtype=torch.float64)
+            self.counts[key] = torch.zeros(self.ctx.classes, dtype=torch.float64)
+        self.sums[key].index_add_(0, target.cpu(), t_emb.detach().cpu().double())
+        self.counts[key].index_add_(0, target.cpu(), torch.ones(len(target), dtype=torch.float64))
+        means = (self.sums[key] / self.counts[key].clamp(min=1)[:, None]).to(t_emb)
         s_emb = as_vector(s)
         return nd_loss(s_emb, t_emb, means, target, self.cfg.norm_weight, self.cfg.direction_weight).sum()
 
@@ -278,4 +280,4 @@ class NormDirection(FeatureKD):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.sums, self.counts = state.get("sums"), state.get("counts", self.counts)
+        self.sums, self.counts = dict(state.get("sums", {})), dict(state.get("counts", {}))
