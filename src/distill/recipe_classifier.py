@@ -74,7 +74,7 @@ class SBMDataConfig(_DataBase):
     features: int = Field(default=32, ge=1)
     avg_degree: float = Field(default=10.0, gt=0)
     homophily: float = Field(default=0.8, ge=0, le=1)
-    feature_signal: float = Field(default=0.5, ge=0)
+    feature_signal: float = Field(default=1.0, ge=0)
     train_per_class: int = Field(default=20, ge=1)
 
 

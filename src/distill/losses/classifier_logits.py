@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "as_float",
     "dist_loss",
     "dkd_loss",
     "ensemble_log_probs",
@@ -30,7 +31,7 @@ __all__ = [
 ]
 
 
-def _as_float(x: Tensor) -> Tensor:
+def as_float(x: Tensor) -> Tensor:
     """Half-precision logits lose too much in ``exp``/``log``: compute in float32 (float64 stays)."""
     return x if x.dtype == torch.float64 else x.float()
 
@@ -63,8 +64,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     """
     _check_pair(student_logits, teacher_logits)
     t = _check_temperature(temperature)
-    log_q = torch.log_softmax(_as_float(student_logits) / t, dim=-1)
-    log_p = torch.log_softmax(_as_float(teacher_logits) / t, dim=-1)
+    log_q = torch.log_softmax(as_float(student_logits) / t, dim=-1)
+    log_p = torch.log_softmax(as_float(teacher_logits) / t, dim=-1)
     return t * t * _kl_log(log_p, log_q)
 
 
@@ -78,8 +79,8 @@ def kd_loss_from_log_probs(
     """
     _check_pair(student_logits, teacher_log_probs_at_t)
     t = _check_temperature(temperature)
-    log_q = torch.log_softmax(_as_float(student_logits) / t, dim=-1)
-    return t * t * _kl_log(_as_float(teacher_log_probs_at_t), log_q)
+    log_q = torch.log_softmax(as_float(student_logits) / t, dim=-1)
+    return t * t * _kl_log(as_float(teacher_log_probs_at_t), log_q)
 
 
 def ensemble_log_probs(teacher_logits: Sequence[Tensor], temperature: float) -> Tensor:
@@ -97,7 +98,7 @@ def ensemble_log_probs(teacher_logits: Sequence[Tensor], temperature: float) -> 
         raise ValueError(
             f"teacher_logits: members differ in shape: {[tuple(z.shape) for z in teacher_logits]}"
         )
-    log_ps = torch.stack([torch.log_softmax(_as_float(z) / t, dim=-1) for z in teacher_logits])
+    log_ps = torch.stack([torch.log_softmax(as_float(z) / t, dim=-1) for z in teacher_logits])
     return torch.logsumexp(log_ps, dim=0) - math.log(len(teacher_logits))
 
 
@@ -112,8 +113,8 @@ def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
         raise ValueError(
             f"shapes differ: logits {tuple(logits.shape)}, target_probs {tuple(target_probs.shape)}"
         )
-    log_q = torch.log_softmax(_as_float(logits), dim=-1)
-    return -(_as_float(target_probs) * log_q).sum(dim=-1)
+    log_q = torch.log_softmax(as_float(logits), dim=-1)
+    return -(as_float(target_probs) * log_q).sum(dim=-1)
 
 
 def _per_sample(weight: float | Tensor, like: Tensor) -> float | Tensor:
@@ -150,7 +151,7 @@ def dkd_loss(
     """
     _check_pair(student_logits, teacher_logits)
     t = _check_temperature(temperature)
-    zs, zt = _as_float(student_logits) / t, _as_float(teacher_logits) / t
+    zs, zt = as_float(student_logits) / t, as_float(teacher_logits) / t
     if target.shape != zs.shape[:1]:
         raise ValueError(f"target: expected shape ({zs.shape[0]},), got {tuple(target.shape)}")
     mask = torch.zeros_like(zs, dtype=torch.bool).scatter_(1, target.long().unsqueeze(1), True)
@@ -200,8 +201,8 @@ def dist_loss(
     """
     _check_pair(student_logits, teacher_logits)
     t = _check_temperature(temperature)
-    p_s = torch.softmax(_as_float(student_logits) / t, dim=-1)
-    p_t = torch.softmax(_as_float(teacher_logits) / t, dim=-1)
+    p_s = torch.softmax(as_float(student_logits) / t, dim=-1)
+    p_t = torch.softmax(as_float(teacher_logits) / t, dim=-1)
     eps = 1e-8
     inter = (1.0 - _pearson_rows(p_s, p_t, eps)).mean()
     intra = (1.0 - _pearson_rows(p_s.T, p_t.T, eps)).mean()
@@ -217,7 +218,7 @@ def standardize_logits(z: Tensor, eps: float = 1e-7) -> Tensor:
     paper's formula; its code's unbiased std differs by a constant factor that the temperature absorbs).
     A constant row maps to zeros with zero (not NaN) gradient.
     """
-    x = _as_float(z)
+    x = as_float(z)
     centred = x - x.mean(dim=-1, keepdim=True)
     var = (centred * centred).mean(dim=-1, keepdim=True)
     std = var.clamp_min(torch.finfo(x.dtype).tiny).sqrt()

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.losses.classifier_logits import as_float as _as_float
+
 __all__ = [
     "MemoryBank",
     "attention_map",
@@ -24,10 +26,6 @@ __all__ = [
     "pkt_loss",
     "rkd_loss",
 ]
-
-
-def _as_float(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def _safe_norm(x: Tensor, eps: float = 1e-12) -> Tensor:

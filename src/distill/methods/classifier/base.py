@@ -79,8 +79,9 @@ class ClassifierMethod(Method):
     uses_teacher = True
     uses_unlabelled = True  # teacher-supervised methods may train on rows whose label is withheld
 
-    def __init__(self, ctx: ClassifierContext, ce_weight: float) -> None:
-        self.ctx, self.student, self.ce_weight = ctx, ctx.student, ce_weight
+    def __init__(self, ctx: ClassifierContext, cfg: Any) -> None:
+        """`cfg` is the method's config (a ClassifierMethodConfig: its ce_weight weighs the labels)."""
+        self.ctx, self.student, self.cfg, self.ce_weight = ctx, ctx.student, cfg, float(cfg.ce_weight)
         self.best: dict[str, Any] = {"accuracy": -1.0, "step": None, "state": None}
         if self.uses_teacher and ctx.teacher is None:
             raise ValueError(f"method {self.name!r} needs a teacher")

@@ -66,9 +66,8 @@ class FeatureKD(ClassifierMethod):
     """Base of the hook-based methods: taps, per-pair projectors, optional Hinton KD term."""
 
     def __init__(self, ctx: ClassifierContext, cfg: FeatureConfig) -> None:
-        super().__init__(ctx, cfg.ce_weight)
+        super().__init__(ctx, cfg)
         assert ctx.teacher is not None
-        self.cfg = cfg
         s_paths, t_paths = [p.student for p in cfg.pairs], [p.teacher for p in cfg.pairs]
         try:
             s_shapes = probe_shapes(ctx.student, s_paths, ctx.spec["in_shape"], "student")

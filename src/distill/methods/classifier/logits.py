@@ -16,7 +16,7 @@ from distill.losses.classifier_logits import (
     standardized_kd_loss,
 )
 from distill.methods.base import METHODS, StepContext
-from distill.methods.classifier.base import ClassifierContext, ClassifierMethod
+from distill.methods.classifier.base import ClassifierMethod
 
 
 def teacher_logits_single(members: torch.Tensor) -> torch.Tensor:
@@ -39,18 +39,13 @@ class CrossEntropy(ClassifierMethod):
     name = "ce"
     uses_teacher = False
     uses_unlabelled = False
-
-    def __init__(self, ctx: ClassifierContext, cfg: CEConfig) -> None:
-        super().__init__(ctx, cfg.ce_weight)
+    cfg: CEConfig
 
 
 @METHODS.register("kd")
 class HintonKD(ClassifierMethod):
     name = "kd"
-
-    def __init__(self, ctx: ClassifierContext, cfg: KDConfig) -> None:
-        super().__init__(ctx, cfg.ce_weight)
-        self.cfg = cfg
+    cfg: KDConfig
 
     def extra_loss(
         self, ctx: StepContext, batch: ClassifierBatch, logits: torch.Tensor
@@ -70,10 +65,7 @@ class HintonKD(ClassifierMethod):
 @METHODS.register("dkd")
 class DecoupledKD(ClassifierMethod):
     name = "dkd"
-
-    def __init__(self, ctx: ClassifierContext, cfg: DKDConfig) -> None:
-        super().__init__(ctx, cfg.ce_weight)
-        self.cfg = cfg
+    cfg: DKDConfig
 
     def extra_loss(
         self, ctx: StepContext, batch: ClassifierBatch, logits: torch.Tensor
@@ -88,10 +80,7 @@ class DecoupledKD(ClassifierMethod):
 @METHODS.register("dist")
 class DIST(ClassifierMethod):
     name = "dist"
-
-    def __init__(self, ctx: ClassifierContext, cfg: DISTConfig) -> None:
-        super().__init__(ctx, cfg.ce_weight)
-        self.cfg = cfg
+    cfg: DISTConfig
 
     def extra_loss(
         self, ctx: StepContext, batch: ClassifierBatch, logits: torch.Tensor

@@ -33,8 +33,7 @@ class OneForAll(ClassifierMethod):
     name = "ofa"
 
     def __init__(self, ctx: ClassifierContext, cfg: OFAConfig) -> None:
-        super().__init__(ctx, cfg.ce_weight)
-        self.cfg = cfg
+        super().__init__(ctx, cfg)
         try:
             shapes = probe_shapes(ctx.student, cfg.stages, ctx.spec["in_shape"], "student")
         except ValueError as err:

@@ -23,8 +23,7 @@ class EMASelfDistill(ClassifierMethod):
     uses_teacher = False
 
     def __init__(self, ctx: ClassifierContext, cfg: EMASelfConfig) -> None:
-        super().__init__(ctx, cfg.ce_weight)
-        self.cfg = cfg
+        super().__init__(ctx, cfg)
         self.ema = copy.deepcopy(ctx.student).eval().requires_grad_(False)
 
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
