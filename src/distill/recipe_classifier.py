@@ -145,6 +145,10 @@ class ClassifierRecipe(RecipeBase):
     def _graph_fits(self) -> ClassifierRecipe:
         graph = self.data.kind in GRAPH_KINDS
         for field, m in zip(self.method_fields(), self.methods(), strict=True):
+            if m.name == "vqgraph" and not graph:
+                raise ValueError(
+                    f"{field}: method 'vqgraph' distils a GNN's structure codes; data.kind must be a graph ({', '.join(GRAPH_KINDS)})"
+                )
             if graph and HIDDEN_STATES in m.teacher_needs:
                 raise ValueError(
                     f"{field}: method {m.name!r} reads teacher modules through hooks; a graph teacher gives logits only"

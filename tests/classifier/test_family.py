@@ -65,10 +65,13 @@ def test_ensemble_teacher_and_label_free_kd(tmp_path: Path) -> None:
 
 
 def test_graph_glnn(tmp_path: Path) -> None:
-    summary = run_recipe(parse_recipe(graph_recipe(tmp_path, {"name": "kd", "temperature": 1.0}, baselines=[{"name": "ce"}])))
+    vq = {"name": "vqgraph", "student_layer": "layers.0", "codes": 8}
+    summary = run_recipe(parse_recipe(graph_recipe(tmp_path, {"name": "kd", "temperature": 1.0}, baselines=[{"name": "ce"}, vq])))
     teacher = summary["references"]["teacher"]
     assert teacher["accuracy"] > 0.7 and teacher["inference_ms_per_1k"] > 0
     assert summary["methods"]["kd"]["after"]["accuracy"] > 0.4
+    assert summary["methods"]["vqgraph"]["after"]["accuracy"] > 0.4
+    assert summary["methods"]["vqgraph"]["final_loss"] < 100
     assert summary["data"]["classifier"]["train_rows"] > summary["data"]["classifier"]["labelled_rows"]
 
 
@@ -88,6 +91,7 @@ def test_born_again_trains_its_generations(tmp_path: Path) -> None:
         ({"student": {"arch": "gcn"}}, "student.arch"),
         ({"teacher": {"model": {"arch": "cnn"}, "ensemble": 2}, "method": {"name": "rkd", "pairs": [{"student": "layers.0", "teacher": "block1"}]}}, "teacher.ensemble"),
         ({"method": {"name": "kd"}, "teacher": None}, "needs a teacher section"),
+        ({"method": {"name": "vqgraph", "student_layer": "layers.0"}}, "data.kind must be a graph"),
         ({"method": {"name": "ce"}, "data": {"kind": "digits", "label_fraction": 0}}, "data.digits.label_fraction"),
     ],
 )

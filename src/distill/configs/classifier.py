@@ -182,3 +182,18 @@ class BornAgainConfig(ClassifierMethodConfig):
         if any(w < 0 for w in self.gt_weights):
             raise ValueError("gt_weights: every weight must be >= 0")
         return self
+
+
+@register_method_config
+class VQGraphConfig(_SoftConfig):
+    """GNN-to-MLP with structure codes (after VQGraph, Yang et al. 2024): besides the class soft labels,
+    the student matches each node's soft assignment to a codebook of the GNN's hidden states. Simplified:
+    the codebook is k-means over the trained teacher's last hidden layer (the paper learns it with a
+    VQ-VAE). `student_layer` names the student module whose output is projected into the codebook space."""
+
+    name: Literal["vqgraph"] = "vqgraph"
+    temperature: float = Field(default=1.0, gt=0)
+    student_layer: str
+    codes: int = Field(default=32, ge=2)
+    code_temperature: float = Field(default=1.0, gt=0)
+    code_weight: float = Field(default=1.0, ge=0)

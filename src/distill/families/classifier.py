@@ -17,7 +17,7 @@ from distill.classifier.models import model_config
 from distill.classifier.prepare import Rows, load_rows, stream_rows
 from distill.classifier.teachers import build, make_teacher
 from distill.configs.base import HIDDEN_STATES, MethodConfigBase
-from distill.configs.classifier import BornAgainConfig, CEConfig
+from distill.configs.classifier import BornAgainConfig, CEConfig, VQGraphConfig
 from distill.engine.trainer import train
 from distill.errors import RecipeError
 from distill.families.base import FAMILIES, Family
@@ -26,6 +26,7 @@ from distill.methods.base import METHODS, Method, Stream
 from distill.methods.classifier.base import ClassifierContext, ClassifierMethod, TeacherNet
 from distill.methods.classifier.logits import CrossEntropy
 from distill.methods.classifier.self_distill import BornAgainRound
+from distill.methods.classifier.vqgraph import VQGraph, code_log_probs
 from distill.progress import Progress
 from distill.recipe_base import RecipeBase
 from distill.recipe_classifier import ClassifierRecipe
@@ -78,6 +79,7 @@ class ClassifierFamily(Family):
         t0 = time.perf_counter()
         self.teacher: TeacherNet | None = None
         self.teacher_info: dict[str, Any] = {}
+        self._code_cache: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}
         if recipe.teacher is not None:
             self.teacher, self.teacher_info = make_teacher(recipe, self.rows, acc, progress)
         self.timing["teacher_s"] = time.perf_counter() - t0
@@ -130,6 +132,9 @@ class ClassifierFamily(Family):
     def make_method(self, cfg: MethodConfigBase, seed: int) -> Method:
         if isinstance(cfg, BornAgainConfig):
             return self._born_again(cfg, seed)
+        if isinstance(cfg, VQGraphConfig):
+            codebook, targets = self._codes(cfg)
+            return VQGraph(self._context(self._student(seed), self.teacher), cfg, codebook, targets)
         return self._method(cfg, self._student(seed), self.teacher)
 
     def _born_again(self, cfg: BornAgainConfig, seed: int) -> Method:
@@ -146,6 +151,19 @@ class ClassifierFamily(Family):
             teacher = TeacherNet([copy.deepcopy(previous.student).eval()])
             previous = BornAgainRound(self._context(self._student(seed + r + 1), teacher), cfg, r)
         return previous
+
+    def _codes(self, cfg: VQGraphConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codebook (k-means over the GNN's last hidden layer, by the run's seed) and every node's
+        soft assignment to it, as log-probabilities; computed once per (codes, temperature)."""
+        from distill.graphs.gnn import kmeans, node_hidden
+
+        key = (cfg.codes, cfg.code_temperature)
+        if key not in self._code_cache:
+            assert self.rows.graph is not None
+            hidden = node_hidden(self.teacher_info["graph_module"], self.rows.graph)
+            codebook, _ = kmeans(hidden, cfg.codes, seed=self.recipe.seed)
+            self._code_cache[key] = (codebook, code_log_probs(hidden, codebook, cfg.code_temperature))
+        return self._code_cache[key]
 
     def _stream(self, method: ClassifierMethod, seed: int) -> TensorStream:
         use = method.uses_unlabelled and self.recipe.data.unlabelled
