@@ -52,15 +52,21 @@ class TensorStream:
         self.x, self.y, self.rows = x, y, rows.tolist()
         self.batch_size, self.seed = min(batch_size, len(self.rows)), seed
         self.rank, self.world, self.epoch, self.index = 0, 1, 0, 0
+        self._cached: tuple[tuple[int, int], list[list[int]]] | None = None
 
     def shard(self, rank: int, world: int) -> None:
         self.rank, self.world = rank, world
 
     def _plan(self) -> list[list[int]]:
-        order = list(self.rows)
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        size = min(self.batch_size * self.world, len(order))
-        return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
+        """This epoch's global batches; made once per epoch (a reshuffle per batch would cost more than
+        a small model's step)."""
+        key = (self.epoch, self.world)
+        if self._cached is None or self._cached[0] != key:
+            order = list(self.rows)
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+            size = min(self.batch_size * self.world, len(order))
+            self._cached = (key, [order[i : i + size] for i in range(0, len(order) - size + 1, size)])
+        return self._cached[1]
 
     def next_batch(self) -> ClassifierBatch:
         plan = self._plan()
