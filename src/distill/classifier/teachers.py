@@ -59,8 +59,9 @@ def load_exported(folder: Path, rows: Rows, field: str = "teacher.path") -> torc
 def fingerprint(recipe: ClassifierRecipe, member: int) -> str:
     t = recipe.teacher
     assert t is not None
+    ignored = {"batch_size", "augment", "unlabelled"} | ({"label_fraction"} if t.full_labels else set())
     what = {
-        "data": recipe.data.model_dump(mode="json", exclude={"batch_size", "augment", "unlabelled"}),
+        "data": recipe.data.model_dump(mode="json", exclude=ignored),
         "teacher": t.model_dump(mode="json", exclude={"store", "ensemble", "path"}),
         "batch_size": recipe.data.batch_size,
         "member": member,
