@@ -147,7 +147,7 @@ class ClassifierFamily(Family):
             out = folder / f"generation-{r}"
             self.progress.log(f"{cfg.display}: generation {r} of {len(cfg.gt_weights)}")
             train(method=previous, stream=self._stream(previous, seed + r), cfg=self.recipe.train, out_dir=out,
-                  seed=seed + r, resume=True, progress=self.progress, accelerator=self.acc)  # fmt: skip
+                  seed=seed + r, progress=self.progress, accelerator=self.acc)  # fmt: skip
             teacher = TeacherNet([copy.deepcopy(previous.student).eval()])
             previous = BornAgainRound(self._context(self._student(seed + r + 1), teacher), cfg, r)
         return previous
