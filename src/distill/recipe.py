@@ -44,6 +44,7 @@ from distill.recipe_base import (
     register_recipe,
 )
 from distill.recipe_classifier import ClassifierRecipe
+from distill.recipe_condense import CondenseRecipe
 
 if TYPE_CHECKING:
     MethodConfig = MethodConfigBase
@@ -52,6 +53,7 @@ else:
 
 __all__ = [
     "ClassifierRecipe",
+    "CondenseRecipe",
     "CacheConfig",
     "CachedTeacherConfig",
     "DataConfig",

@@ -176,14 +176,19 @@ class ClassifierRecipe(RecipeBase):
         return self
 
     def preflight(self) -> None:
-        fields = ("edges", "features", "labels") if isinstance(self.data, GraphFilesDataConfig) else ("path",)
-        for field in fields:
-            value = getattr(self.data, field, None)
-            if isinstance(value, str) and not resolve_path(value).exists():
-                raise InputError(f"data.{field}: not found: {resolve_path(value)}")
+        preflight_data(self.data)
         if (
             self.teacher is not None
             and self.teacher.path is not None
             and not resolve_path(self.teacher.path).is_dir()
         ):
             raise InputError(f"teacher.path: teacher folder not found: {resolve_path(self.teacher.path)}")
+
+
+def preflight_data(data: _DataBase) -> None:
+    """Every file the data section names exists (one line naming the field otherwise)."""
+    fields = ("edges", "features", "labels") if isinstance(data, GraphFilesDataConfig) else ("path",)
+    for field in fields:
+        value = getattr(data, field, None)
+        if isinstance(value, str) and not resolve_path(value).exists():
+            raise InputError(f"data.{field}: not found: {resolve_path(value)}")

@@ -279,7 +279,11 @@ def _dataset_rows(ds: Any, root: Path, split: str, image_size: int) -> tuple[tor
         sources.append(src)
     if not images:
         raise InputError(f"dataset {root} split '{split}' has no rows")
-    return _to_tensor(images, sources, image_size), _labels(torch.tensor(ds["label"]), f"{root} 'label'")
+    labels = list(ds["label"])
+    for i, value in enumerate(labels):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(f"dataset {root} split '{split}' row {i}: label {value!r} is not a class id")
+    return _to_tensor(images, sources, image_size), _labels(torch.tensor(labels), f"{root} 'label'")
 
 
 def _load_saved_dataset(root: Path, image_size: int, test_fraction: float, seed: int) -> ClassifierData:

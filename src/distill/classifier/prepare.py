@@ -22,7 +22,15 @@ from distill.classifier.data import (
 from distill.errors import InputError
 from distill.graphs.sbm import Graph
 from distill.paths import resolve_path
-from distill.recipe_classifier import GRAPH_KINDS, ClassifierRecipe, GraphFilesDataConfig
+from distill.recipe_classifier import (
+    ClassifierRecipe,
+    DigitsDataConfig,
+    GraphFilesDataConfig,
+    ImageFolderDataConfig,
+    TensorDataConfig,
+)
+
+TableDataConfig = DigitsDataConfig | TensorDataConfig | ImageFolderDataConfig
 
 
 @dataclass
@@ -56,8 +64,7 @@ class Rows:
         }
 
 
-def _load_table(recipe: ClassifierRecipe) -> ClassifierData:
-    d = recipe.data
+def _load_table(d: TableDataConfig) -> ClassifierData:
     if d.kind == "digits":
         return load_digits_data(d.test_fraction, d.split_seed)
     if d.kind == "tensors":
@@ -67,9 +74,9 @@ def _load_table(recipe: ClassifierRecipe) -> ClassifierData:
     raise AssertionError(d.kind)
 
 
-def _table_rows(recipe: ClassifierRecipe) -> Rows:
-    d = recipe.data
-    data = _load_table(recipe)
+def table_rows(d: TableDataConfig) -> Rows:
+    """Rows of a digits / tensor-file / image-folder data section (also the dataset-distillation family's)."""
+    data = _load_table(d)
     x_tr, y_tr, x_val, y_val = split_validation(
         data.x_train, data.y_train, d.validation_fraction, d.split_seed
     )
@@ -147,7 +154,9 @@ def _graph_rows(recipe: ClassifierRecipe) -> Rows:
 def load_rows(recipe: ClassifierRecipe) -> Rows:
     """The run's rows; bad files give one line naming the file (InputError), bad values a RecipeError."""
     try:
-        return _graph_rows(recipe) if recipe.data.kind in GRAPH_KINDS else _table_rows(recipe)
+        if isinstance(recipe.data, DigitsDataConfig | TensorDataConfig | ImageFolderDataConfig):
+            return table_rows(recipe.data)
+        return _graph_rows(recipe)
     except ValueError as err:
         raise InputError(f"data: {err}") from None
 

@@ -26,6 +26,9 @@ from distill.paths import resolve_path
 from distill.progress import Progress
 from distill.recipe_base import TrainConfig
 from distill.recipe_classifier import ClassifierRecipe, ClassifierTeacherConfig
+from distill.recipe_condense import CondenseRecipe
+
+TeacherRecipe = ClassifierRecipe | CondenseRecipe  # both have data, teacher, seed and train sections
 
 
 def build(
@@ -56,7 +59,7 @@ def load_exported(folder: Path, rows: Rows, field: str = "teacher.path") -> torc
     return model.eval()
 
 
-def fingerprint(recipe: ClassifierRecipe, member: int) -> str:
+def fingerprint(recipe: TeacherRecipe, member: int) -> str:
     t = recipe.teacher
     assert t is not None
     ignored = {"batch_size", "augment", "unlabelled"} | ({"label_fraction"} if t.full_labels else set())
@@ -72,7 +75,7 @@ def fingerprint(recipe: ClassifierRecipe, member: int) -> str:
 
 
 def _train_member(
-    recipe: ClassifierRecipe, rows: Rows, member: int, acc: Accelerator, progress: Progress
+    recipe: TeacherRecipe, rows: Rows, member: int, acc: Accelerator, progress: Progress
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     t = recipe.teacher
     assert t is not None
@@ -117,7 +120,7 @@ def _train_member(
 
 
 def _graph_teacher(
-    recipe: ClassifierRecipe, rows: Rows, progress: Progress
+    recipe: TeacherRecipe, rows: Rows, progress: Progress
 ) -> tuple[TeacherNet, dict[str, Any]]:
     """Full-batch GNN training on the labelled nodes, best epoch on validation; then logits for every node."""
     from distill.graphs.gnn import GCN, GraphModule, GraphSAGE, train_full_batch
@@ -141,7 +144,7 @@ def _graph_teacher(
 
 
 def make_teacher(
-    recipe: ClassifierRecipe, rows: Rows, acc: Accelerator, progress: Progress
+    recipe: TeacherRecipe, rows: Rows, acc: Accelerator, progress: Progress
 ) -> tuple[TeacherNet, dict[str, Any]]:
     """The teacher signal and facts about it (validation accuracy; test accuracy is measured by the family)."""
     t: ClassifierTeacherConfig | None = recipe.teacher

@@ -20,7 +20,9 @@ def group_settings(cfg: TrainConfig, group: str) -> dict[str, Any]:
     }
 
 
-def make_adamw(params: list[torch.nn.Parameter], settings: dict[str, Any]) -> torch.optim.AdamW:
+def make_adamw(
+    params: list[torch.nn.Parameter] | list[dict[str, Any]], settings: dict[str, Any]
+) -> torch.optim.AdamW:
     """AdamW with the fused kernel (one pass over all parameters: ~6x faster than the per-tensor version
     on CPU, 0.05 vs 0.30 s per step for the quickstart student), else the per-tensor one where a device
     or dtype has no fused kernel."""

@@ -67,13 +67,19 @@ def _build_groups(
         updates[phase.group] += phase.updates
     out: dict[str, _Group] = {}
     for name, module_names in groups.items():
-        params = [
-            p for m in module_names for p in acc.unwrap_model(wrapped[m]).parameters() if p.requires_grad
-        ]
+        settings = group_settings(cfg, name)
+        param_groups = []  # one per module: a module's `lr_scale` (synthetic images vs their labels) scales the lr
+        for m in module_names:
+            module = acc.unwrap_model(wrapped[m])
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            if trainable:
+                param_groups.append(
+                    {"params": trainable, "lr": settings["lr"] * float(getattr(module, "lr_scale", 1.0))}
+                )
+        params = [p for g in param_groups for p in g["params"]]
         if not params:
             raise RecipeError(f"method {method.name}: optimizer group {name!r} has no trainable parameters")
-        settings = group_settings(cfg, name)
-        raw_opt = make_adamw(params, settings)
+        raw_opt = make_adamw(param_groups, settings)
         total = max(1, cfg.steps * updates[name])
         sched = make_scheduler(
             raw_opt, total=total, warmup=cfg.warmup_steps * max(1, updates[name]), kind=cfg.schedule
@@ -151,6 +157,8 @@ def train(
 ) -> TrainResult:
     """Train `method`'s modules for cfg.steps steps (each step runs every phase once); return the history."""
     progress = progress or NullProgress()
+    if not method.modules():  # a method with nothing to train (a selection baseline) is done when built
+        return TrainResult(steps=0, seconds=0.0, history=[], resumed_from=None, notes=[])
     acc = accelerator or make_accelerator(cfg, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed + acc.process_index, cfg.deterministic)

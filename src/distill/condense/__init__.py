@@ -1,0 +1,1 @@
+"""Dataset distillation building blocks: matching losses, differentiable augmentation, trajectory unrolls."""

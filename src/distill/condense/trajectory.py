@@ -1,0 +1,450 @@
+"""Matching training trajectories, MTT (Cazenavette et al. 2022, "Dataset Distillation by Matching
+Training Trajectories"), with FTD's flat experts and DATM's start-epoch window.
+
+Why trajectories: gradient matching looks one step ahead; MTT asks a student trained for a few steps on
+the synthetic set to land where an expert trained on real data landed a few *epochs* later (long-range
+dynamics). The price is back-propagating through the unroll, hence three memory regimes in `unroll` and
+`SavedTensorMeter` to measure what each keeps for backward.
+
+BatchNorm: the student runs with running statistics mapped to None (`stateless_buffers`): batch
+statistics, no state mutation, so the unroll is a pure function that checkpointing can recompute
+exactly. Experts train in train mode (batch statistics too), so both see the same network.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "ExpertBuffer",
+    "SavedTensorMeter",
+    "UnrollMode",
+    "peak_unroll_memory",
+    "saved_bytes_by_steps",
+    "stateless_buffers",
+    "train_expert",
+    "train_experts",
+    "trajectory_loss",
+    "unroll",
+]
+
+Params = dict[str, Tensor]
+UnrollMode = Literal["plain", "checkpoint", "truncate"]
+_KEY = re.compile(r"^epoch(\d+)\.(.+)$")
+
+
+def stateless_buffers(model: nn.Module) -> dict[str, Tensor | None]:
+    """The model's buffers for `functional_call`, with norm layers' running statistics replaced by None.
+
+    With None running stats BatchNorm uses batch statistics in train *and* eval mode and updates
+    nothing, so repeated or recomputed forwards are side-effect free.
+    """
+    stats: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                stats.add(f"{prefix}.{name}" if prefix else name)
+    return {k: (None if k in stats else b) for k, b in model.named_buffers()}
+
+
+def _ce(logits: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy with hard class ids (int) or soft targets (float (N, C) probabilities)."""
+    if y.is_floating_point():
+        return -(y * F.log_softmax(logits, dim=1)).sum(1).mean()
+    return F.cross_entropy(logits, y)
+
+
+def train_expert(
+    model_fn: Callable[[], nn.Module],
+    x: Tensor,
+    y: Tensor,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    flat_penalty: float = 0.0,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+) -> list[Params]:
+    """Train a fresh ``model_fn()`` with plain SGD on real data; return its parameters at the start and
+    after every epoch (``epochs + 1`` dicts, detached clones) -- MTT's expert trajectory.
+
+    ``seed`` fixes the initialisation, batch order, augmentation draws and dropout without touching the
+    global RNG. ``flat_penalty`` > 0 adds rho * ||grad L|| to the loss (a gradient-norm penalty, the
+    first-order expansion of SAM's L(w + rho g/||g||)): FTD (Du et al. 2023) shows flatter experts
+    leave less accumulated trajectory error for the student to inherit.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1 (got {epochs}, {batch_size})")
+    if flat_penalty < 0:
+        raise ValueError(f"flat_penalty must be >= 0 (got {flat_penalty})")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_fn().to(x.device)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+        def snapshot() -> Params:
+            return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+        trajectory = [snapshot()]
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=gen).to(x.device)
+            for chunk in order.split(batch_size):
+                xb, yb = x[chunk], y[chunk]
+                if augment is not None:
+                    xb = augment(xb, gen)
+                loss = _ce(model(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                if flat_penalty > 0:
+                    grads = torch.autograd.grad(loss, params, create_graph=True)
+                    sq = torch.stack([(g * g).sum() for g in grads]).sum()
+                    loss = loss + flat_penalty * torch.sqrt(sq + 1e-12)  # eps: sqrt' is infinite at 0
+                loss.backward()
+                opt.step()
+            trajectory.append(snapshot())
+    return trajectory
+
+
+class ExpertBuffer:
+    """Expert trajectories on disk, one safetensors file per expert with keys ``epoch{e}.{param}``.
+
+    `sample` draws a random expert and a start epoch uniformly from ``min_start_epoch..max_start_epoch``
+    and returns (params at start, params ``expert_epochs`` later). Moving the window (DATM, Guo et al.
+    2024, "Towards Lossless Dataset Distillation via Difficulty-Aligned Trajectory Matching") matches
+    early, easy dynamics for small IPC and later, harder ones for large IPC. Only the two needed epochs
+    are read from disk.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        expert_epochs: int,
+        max_start_epoch: int,
+        min_start_epoch: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if expert_epochs < 1 or not 0 <= min_start_epoch <= max_start_epoch:
+            got = (expert_epochs, min_start_epoch, max_start_epoch)
+            raise ValueError(f"need expert_epochs >= 1, 0 <= min_start_epoch <= max_start_epoch (got {got})")
+        self.folder = Path(folder)
+        self.expert_epochs = expert_epochs
+        self.min_start_epoch = min_start_epoch
+        self.max_start_epoch = max_start_epoch
+        self.device = torch.device(device)
+
+    @property
+    def paths(self) -> list[Path]:
+        return sorted(self.folder.glob("expert_*.safetensors"))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def add(self, trajectory: Sequence[Mapping[str, Tensor]]) -> Path:
+        """Write one trajectory (list of param dicts, epoch 0 first) as the next ``expert_NNNN`` file."""
+        if len(trajectory) < 2:
+            raise ValueError("a trajectory needs at least a start and one epoch")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        taken = {int(p.stem.split("_")[1]) for p in self.paths}
+        index = next(i for i in range(len(taken) + 1) if i not in taken)
+        tensors = {
+            f"epoch{e}.{k}": v.detach().to("cpu").contiguous().clone()
+            for e, params in enumerate(trajectory)
+            for k, v in params.items()
+        }
+        path = self.folder / f"expert_{index:04d}.safetensors"
+        save_file(tensors, str(path), metadata={"epochs": str(len(trajectory) - 1)})
+        return path
+
+    def epochs(self, index: int) -> int:
+        """Training epochs recorded by expert ``index`` (its trajectory has that many + 1 points)."""
+        with safe_open(str(self.paths[index]), framework="pt") as f:
+            return int((f.metadata() or {})["epochs"])
+
+    def load_epoch(self, index: int, epoch: int) -> Params:
+        with safe_open(str(self.paths[index]), framework="pt", device=str(self.device)) as f:
+            out = {}
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                m = _KEY.match(key)
+                if m and int(m.group(1)) == epoch:
+                    out[m.group(2)] = f.get_tensor(key)
+        if not out:
+            raise ValueError(f"expert {index} has no epoch {epoch} (it has {self.epochs(index)} epochs)")
+        return out
+
+    def load(self, index: int) -> list[Params]:
+        return [self.load_epoch(index, e) for e in range(self.epochs(index) + 1)]
+
+    def sample(
+        self,
+        generator: torch.Generator,
+        min_start_epoch: int | None = None,
+        max_start_epoch: int | None = None,
+    ) -> tuple[Params, Params]:
+        """(start params, target params) from a random expert; the window can be overridden per call."""
+        lo = self.min_start_epoch if min_start_epoch is None else min_start_epoch
+        hi = self.max_start_epoch if max_start_epoch is None else max_start_epoch
+        paths = self.paths
+        if not paths:
+            raise ValueError(f"no experts in {self.folder}")
+        if not 0 <= lo <= hi:
+            raise ValueError(f"need 0 <= min_start_epoch <= max_start_epoch (got {lo}, {hi})")
+        index = int(torch.randint(len(paths), (1,), generator=generator))
+        start = int(torch.randint(lo, hi + 1, (1,), generator=generator))
+        total = self.epochs(index)
+        if hi + self.expert_epochs > total:
+            raise ValueError(
+                f"max_start_epoch {hi} + expert_epochs {self.expert_epochs} exceeds the {total} epochs "
+                f"of {paths[index].name}"
+            )
+        return self.load_epoch(index, start), self.load_epoch(index, start + self.expert_epochs)
+
+
+def train_experts(
+    buffer: ExpertBuffer,
+    count: int,
+    model_fn: Callable[[], nn.Module],
+    x: Tensor,
+    y: Tensor,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int = 0,
+    flat_penalty: float = 0.0,
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+) -> list[Path]:
+    """Train ``count`` experts (seeds ``seed``, ``seed + 1``, ...) into ``buffer``; ``flat_penalty`` > 0
+    builds FTD's flat experts."""
+    return [
+        buffer.add(
+            train_expert(model_fn, x, y, epochs, lr, batch_size, seed + i, flat_penalty, augment=augment)
+        )
+        for i in range(count)
+    ]
+
+
+def _batch_indices(step: int, n: int, batch_size: int, base_seed: int) -> Tensor:
+    """Step ``step``'s minibatch: consecutive slices of a stream of per-epoch permutations.
+
+    Derived from (step, base_seed) alone, so a checkpointed step recomputes the same batch, and nothing
+    but a Python int is kept between steps.
+    """
+    first = step * batch_size
+    e0, e1 = first // n, (first + batch_size - 1) // n
+    perms = [
+        torch.randperm(n, generator=torch.Generator().manual_seed(base_seed + e)) for e in range(e0, e1 + 1)
+    ]
+    offset = first - e0 * n
+    return torch.cat(perms)[offset : offset + batch_size]
+
+
+def unroll(
+    model: nn.Module,
+    start: Mapping[str, Tensor],
+    x_syn: Tensor,
+    y_syn: Tensor,
+    syn_lr: Tensor,
+    steps: int,
+    batch_size: int | None,
+    generator: torch.Generator,
+    mode: UnrollMode = "plain",
+    window: int | None = None,
+    augment: Callable[[Tensor, int], Tensor] | None = None,
+    buffers: Mapping[str, Tensor | None] | None = None,
+) -> Params:
+    """Train ``model``'s architecture functionally from ``start`` for ``steps`` SGD steps on the synthetic
+    set; the result is differentiable w.r.t. ``x_syn``, soft ``y_syn`` and ``syn_lr``.
+
+    ``syn_lr`` is the *raw* learning rate (a 0-d tensor, as in MTT); to learn it in log space pass
+    ``log_lr.exp()``. ``y_syn``: class ids, or (N, C) probabilities (soft labels). ``batch_size=None``
+    uses the whole set each step. ``augment(x_batch, step)`` (e.g. per-step DSA draws) must be a
+    deterministic function of its arguments so checkpoint recomputation sees the same images.
+
+    Modes: "plain" keeps every step's double-backward graph (memory grows fast with steps); "checkpoint"
+    runs each step under `torch.utils.checkpoint` (non-reentrant), keeping only the step inputs -- one
+    parameter copy per step -- and recomputing the step in backward; the inner `autograd.grad` already
+    triggers one recomputation during the forward, so expect ~2x plain's time. "truncate"
+    back-propagates through the last ``window`` steps only (memory flat in ``steps``, biased gradients;
+    ``window=steps`` is exactly "plain").
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 (got {steps})")
+    if mode not in ("plain", "checkpoint", "truncate"):
+        raise ValueError(f"unknown unroll mode '{mode}' (known: plain, checkpoint, truncate)")
+    if mode == "truncate":
+        if window is None or window < 1:
+            raise ValueError(f"mode 'truncate' needs window >= 1 (got {window})")
+    elif window is not None:
+        raise ValueError(f"window only applies to mode 'truncate' (mode is '{mode}')")
+    if syn_lr.dim() != 0:
+        raise ValueError(f"syn_lr must be a 0-d tensor (got shape {tuple(syn_lr.shape)})")
+    n = len(x_syn)
+    bs = n if batch_size is None else min(int(batch_size), n)
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    base_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    state_buffers = stateless_buffers(model) if buffers is None else dict(buffers)
+    names = list(start)
+
+    def step(i: int, create_graph: bool, x: Tensor, y: Tensor, lr: Tensor, *ps: Tensor) -> tuple[Tensor, ...]:
+        if bs < n:
+            idx = _batch_indices(i, n, bs, base_seed).to(x.device)
+            x, y = x[idx], y[idx]
+        if augment is not None:
+            x = augment(x, i)
+        state = cast(Any, (dict(zip(names, ps, strict=True)), state_buffers))
+        logits = functional_call(model, state, (x,))
+        grads = torch.autograd.grad(_ce(logits, y), ps, create_graph=create_graph, allow_unused=True)
+        return tuple(p if g is None else p - lr * g for p, g in zip(ps, grads, strict=True))
+
+    def leaves(ps: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        return tuple(p.detach().requires_grad_(True) for p in ps)
+
+    ps = leaves([start[k] for k in names])
+    first_graph_step = 0
+    if mode == "truncate":
+        assert window is not None
+        first_graph_step = max(0, steps - window)
+        xd, yd, lrd = x_syn.detach(), y_syn.detach(), syn_lr.detach()
+        for i in range(first_graph_step):  # no graph kept: inner gradients only, results detached
+            with torch.enable_grad():
+                ps = leaves([p.detach() for p in step(i, False, xd, yd, lrd, *ps)])
+    for i in range(first_graph_step, steps):
+        if mode == "checkpoint":
+            ps = tuple(checkpoint(step, i, True, x_syn, y_syn, syn_lr, *ps, use_reentrant=False))
+        else:
+            ps = step(i, True, x_syn, y_syn, syn_lr, *ps)
+    return dict(zip(names, ps, strict=True))
+
+
+def trajectory_loss(
+    final: Mapping[str, Tensor], start: Mapping[str, Tensor], target: Mapping[str, Tensor]
+) -> Tensor:
+    """MTT's normalised parameter distance: sum ||final - target||^2 / sum ||start - target||^2.
+
+    Normalising by how far the expert moved makes the loss comparable across start epochs and layers of
+    different scale (early epochs move much more than late ones).
+    """
+    if set(final) != set(target) or set(start) != set(target):
+        raise ValueError("final, start and target must hold the same parameter names")
+    num = torch.stack([((final[k] - target[k].to(final[k])) ** 2).sum() for k in target]).sum()
+    den = torch.stack([((start[k].detach() - target[k].to(start[k])) ** 2).sum() for k in target]).sum()
+    return num / den.to(num).clamp_min(torch.finfo(num.dtype).tiny)  # tiny: an expert that did not move
+
+
+class _Saved:
+    """What the meter's pack hook hands autograd: a detached alias (no grad_fn, so no reference cycle)."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+
+
+class SavedTensorMeter:
+    """Bytes autograd holds for backward (saved tensors, once per storage) while the meter is active.
+
+    Torch's CPU allocations are invisible to `tracemalloc` and RSS is noisy, but saved tensors are what
+    grows with the unroll length. A storage counts from its first save until the last graph node saving
+    it is freed; ``current`` is held now, ``peak`` the maximum. Checkpointed regions hold nothing here
+    (checkpoint's own hooks take precedence), which is the point of checkpointing.
+    """
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.peak = 0
+        self._live: dict[int, list[int]] = {}  # storage address -> [bytes, saves alive]
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: Tensor) -> _Saved:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        entry = self._live.get(key)
+        if entry is None:
+            self._live[key] = [storage.nbytes(), 1]
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+        else:
+            entry[1] += 1
+        box = _Saved(t.detach())
+        weakref.finalize(box, self._release, key)
+        return box
+
+    def _release(self, key: int) -> None:
+        entry = self._live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._live[key]
+            self.current -= entry[0]
+
+    @staticmethod
+    def _unpack(box: _Saved) -> Tensor:
+        return box.tensor
+
+    def __enter__(self) -> SavedTensorMeter:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def saved_bytes_by_steps(
+    model_fn: Callable[[], nn.Module],
+    steps_list: Sequence[int],
+    mode: UnrollMode,
+    window: int | None = None,
+    in_shape: Sequence[int] = (1, 8, 8),
+    classes: int = 10,
+    ipc: int = 1,
+    batch_size: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[int, int]:
+    """Peak bytes saved for backward by `unroll` (its forward only) for each unroll length: the memory
+    benchmark behind the choice of mode. Same model, data and batches for every length."""
+    out: dict[int, int] = {}
+    for steps in steps_list:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = model_fn().to(dtype)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(ipc * classes, *in_shape, generator=gen, dtype=dtype).requires_grad_(True)
+        y = torch.arange(classes).repeat_interleave(ipc)
+        lr = torch.tensor(0.01, dtype=dtype, requires_grad=True)
+        start = {k: p.detach() for k, p in model.named_parameters()}
+        with SavedTensorMeter() as meter:
+            unroll(model, start, x, y, lr, steps, batch_size, gen, mode=mode, window=window)
+        out[int(steps)] = meter.peak
+    return out
+
+
+def peak_unroll_memory(
+    steps: int,
+    mode: UnrollMode,
+    window: int | None = None,
+    model_fn: Callable[[], nn.Module] | None = None,
+    ipc: int = 1,
+) -> int:
+    """Peak saved-for-backward bytes of one unroll of ``steps`` (default: the zoo CNN, width 4, on
+    10-class 8x8 images, IPC 1, full-batch steps)."""
+    if model_fn is None:
+        from distill.classifier.models import build_model
+
+        model_fn = lambda: build_model("cnn", [1, 8, 8], 10, {"width": 4})  # noqa: E731
+    return saved_bytes_by_steps(model_fn, [steps], mode, window=window, ipc=ipc)[steps]
