@@ -169,6 +169,6 @@ def run_recipe(
     }
     if acc.is_main_process:
         write_json_atomic(summary_path, summary)
-        write_report(run_dir, summary, dump_recipe(recipe))
+        write_report(run_dir, summary, dump_recipe(recipe), family.figures(run_dir, summary))
     acc.wait_for_everyone()
     return summary

@@ -67,6 +67,8 @@ def test_every_method_runs_with_controls_and_exports(tmp_path: Path, monkeypatch
     )
     assert summary["methods"]["random"]["after"]["ior"] == 0.0
     assert summary["methods"]["mtt"]["after"]["learned_lr"] > 0
+    assert (tmp_path / "run" / "synthetic_sets.png").stat().st_size > 1000
+    assert "synthetic_sets.png" in (tmp_path / "run" / "report.md").read_text()
     folder = tmp_path / "run" / "methods" / "dm" / "student"
     tensors = load_file(str(folder / "synthetic.safetensors"))
     assert tensors["images"].shape == (10, 1, 8, 8) and tensors["labels"].tolist() == list(range(10))

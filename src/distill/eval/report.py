@@ -166,7 +166,9 @@ def _build(run_dir: Path, summary: dict[str, Any], recipe_yaml: str, plots: dict
     return doc
 
 
-def write_report(run_dir: Path, summary: dict[str, Any], recipe_yaml: str) -> None:
+def write_report(
+    run_dir: Path, summary: dict[str, Any], recipe_yaml: str, extra_plots: dict[str, str] | None = None
+) -> None:
     """Write report.md, report.html, loss_curves.png and kl_by_position.png into `run_dir`.
 
     A plot is skipped (and not referenced) when there is nothing to draw, e.g. no teacher means no KL.
@@ -184,6 +186,7 @@ def write_report(run_dir: Path, summary: dict[str, Any], recipe_yaml: str) -> No
         plots[CLASS_PLOT] = (
             "Per-class test accuracy (teacher and methods) and the primary method's confusion matrix"
         )
+    plots.update(extra_plots or {})  # a family's own figures, already written into run_dir
     doc = _build(run_dir, summary, recipe_yaml or "", plots)
     write_text_atomic(run_dir / "report.md", render_markdown(doc))
     title = f"Distillation report: {summary.get('name') or run_dir.name}"

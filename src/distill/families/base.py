@@ -5,6 +5,7 @@ each method and its stream, evaluates on held-out data, and names the numbers th
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
@@ -51,6 +52,10 @@ class Family(ABC):
 
     def results_note(self) -> str:
         return ""
+
+    def figures(self, run_dir: Path, summary: dict[str, Any]) -> dict[str, str]:
+        """Write the family's own figures into `run_dir` (main process); return {file name: caption}."""
+        return {}
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release servers, files and memory."""

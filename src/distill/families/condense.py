@@ -7,6 +7,7 @@ DD-Ranking's HLR and IOR."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from distill.condense.selection import dataset_quantization, herding_selection, 
 from distill.configs.base import MethodConfigBase
 from distill.configs.condense import CondenseMethodConfig, DatasetQuantizationConfig, HerdingConfig
 from distill.errors import InputError, RecipeError
+from distill.eval.report_grid import GRID_PLOT, plot_sets
 from distill.families.base import FAMILIES, Family
 from distill.methods import condense as _registers  # noqa: F401 - registers the condense methods
 from distill.methods.base import METHODS, Method, Stream
@@ -192,6 +194,23 @@ class CondenseFamily(Family):
         if "lr" in data:
             out["learned_lr"] = float(data["lr"])
         return out
+
+    def figures(self, run_dir: Path, summary: dict[str, Any]) -> dict[str, str]:
+        """Each method's set (its first seed's), one row per class, beside real training images."""
+        from safetensors.torch import load_file
+
+        sets = {}
+        for label in summary.get("methods", {}):
+            folder = run_dir / "methods" / label
+            files = sorted(folder.glob("**/student/synthetic.safetensors"))
+            if files:
+                data = load_file(str(files[0]))
+                sets[label] = (data["images"], data["labels"])
+        if plot_sets(sets, (self.x, self.y), self.rows.classes, run_dir / GRID_PLOT):
+            return {
+                GRID_PLOT: "Distilled sets, one row per class, beside real training images (first seed of each method)"
+            }
+        return {}
 
     def describe(self) -> dict[str, Any]:
         r = self.recipe
