@@ -35,13 +35,15 @@ def plot_sets(
     from matplotlib.figure import Figure
 
     columns = [("real", real), *sets.items()]
-    fig = Figure(figsize=(1.0 * per_class * len(columns) + 1, 0.9 * classes + 1))
-    grid = fig.add_gridspec(classes, per_class * len(columns), wspace=0.05, hspace=0.05)
+    widths = [min(per_class, max(int((lab == c).sum()) for c in range(classes))) for _, (_, lab) in columns]
+    starts = [sum(widths[:j]) for j in range(len(widths))]
+    fig = Figure(figsize=(1.0 * sum(widths) + 1, 0.9 * classes + 1))
+    grid = fig.add_gridspec(classes, sum(widths), wspace=0.05, hspace=0.05)
     for j, (label, (images, labels)) in enumerate(columns):
         for c in range(classes):
-            picks = images[labels == c][:per_class]
-            for k in range(per_class):
-                ax = fig.add_subplot(grid[c, j * per_class + k])
+            picks = images[labels == c][: widths[j]]
+            for k in range(widths[j]):
+                ax = fig.add_subplot(grid[c, starts[j] + k])
                 if k < len(picks):
                     _show(ax, picks[k])
                 else:
