@@ -188,11 +188,26 @@ def eval_cmd(
     output: Annotated[Path | None, typer.Option("--output", help="Where to write eval.json.")] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Evaluate a saved student against the recipe's teacher on the recipe's held-out data."""
-    from distill.recipe import lm_recipe, load_recipe
+    """Evaluate a saved student against the recipe's teacher on held-out data, or a saved distilled set
+    (a dataset-distillation recipe) with the recipe's protocol."""
+    from distill.recipe import CondenseRecipe, lm_recipe, load_recipe
     from distill.stages import evaluate_saved
 
-    r = lm_recipe(load_recipe(recipe, set_), "eval")
+    loaded = load_recipe(recipe, set_)
+    if isinstance(loaded, CondenseRecipe):
+        from distill.families.condense import evaluate_saved_set
+
+        progress = RichProgress()
+        try:
+            result, path = evaluate_saved_set(loaded, student, output, progress)
+        finally:
+            progress.finish()
+        _print_summary(
+            {"name": str(student), "columns": result.pop("columns"), "methods": {"set": {"after": result}}}
+        )
+        out.print(f"wrote {path}")
+        return
+    r = lm_recipe(loaded, "eval")
     progress = RichProgress()
     try:
         result, path = evaluate_saved(r, student, output, progress)

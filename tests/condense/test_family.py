@@ -140,3 +140,22 @@ def test_image_folder_with_a_missing_label(tmp_path: Path) -> None:
 
 def test_cli_error_is_a_distill_error(tmp_path: Path) -> None:
     assert issubclass(RecipeError, DistillError)
+
+
+def test_distill_eval_scores_a_saved_set_like_the_run(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    data = recipe(tmp_path, {"name": "herding"}, eval={"seeds": 1, "epochs": 10, "full_epochs": 1})
+    summary = run_recipe(parse_recipe(data))
+    path = write(tmp_path, data)
+    folder = tmp_path / "run" / "methods" / "herding" / "student"
+    res = subprocess.run([sys.executable, "-m", "distill.cli", "eval", str(path), "--student", str(folder)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    saved = json.loads((folder / "eval.standalone.json").read_text())
+    assert saved["accuracy"] == summary["methods"]["herding"]["after"]["accuracy"]
+    assert_one_line_error(
+        run_cli("eval", str(path), "--student", str(tmp_path)), "--student", "synthetic.safetensors"
+    )

@@ -16,7 +16,12 @@ from accelerate import Accelerator
 from distill.classifier.models import build_model
 from distill.classifier.prepare import Rows, table_rows
 from distill.classifier.teachers import make_teacher
-from distill.condense.evaluate import evaluate_set, hard_label_recovery, improvement_over_random
+from distill.condense.evaluate import (
+    dd_ranking_score,
+    evaluate_set,
+    hard_label_recovery,
+    improvement_over_random,
+)
 from distill.condense.selection import dataset_quantization, herding_selection, random_selection
 from distill.configs.base import MethodConfigBase
 from distill.configs.condense import CondenseMethodConfig, DatasetQuantizationConfig, HerdingConfig
@@ -176,7 +181,10 @@ class CondenseFamily(Family):
     def evaluate(self, method: Method | None, progress: Progress) -> dict[str, Any] | None:
         if not isinstance(method, CondenseMethod):
             return None
-        data = method.synthetic()
+        return self.score_set(method.synthetic())
+
+    def score_set(self, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The protocol's numbers for a set {images, labels[, soft_labels, lr]} (a run's or a saved one)."""
         x, y, learned_soft = data["images"], data["labels"], data.get("soft_labels")
         out: dict[str, Any] = {}
         for i, spec in enumerate(self.recipe.eval.archs):
@@ -184,15 +192,17 @@ class CondenseFamily(Family):
             out["accuracy" if i == 0 else f"accuracy_{spec.arch}"] = res["mean"]
             if i == 0:
                 out["accuracy_per_seed"] = res["acc"]
-        out["hlr"] = hard_label_recovery(self.full_hard, out["accuracy"]) if learned_soft is None else None
+        out["hard_accuracy"] = out["accuracy"] if learned_soft is None else self._score(x, y, None)["mean"]
+        out["hlr"] = hard_label_recovery(self.full_hard, out["hard_accuracy"])
         soft = self._soft(x) if self.recipe.eval.soft_labels else None
         if soft is not None and self.random_soft is not None:
             out["soft_accuracy"] = self._score(x, y, soft)["mean"]
             out["ior"] = improvement_over_random(out["soft_accuracy"], self.random_soft)
         else:
-            out["ior"] = improvement_over_random(out["accuracy"], self.random_hard)
+            out["ior"] = improvement_over_random(out["hard_accuracy"], self.random_hard)
+        out["dd_score"] = dd_ranking_score(out["hlr"], out["ior"])
         if "lr" in data:
-            out["learned_lr"] = float(data["lr"])
+            out["learned_lr"] = float(data["lr"].reshape(-1)[0])
         return out
 
     def figures(self, run_dir: Path, summary: dict[str, Any]) -> dict[str, str]:
@@ -254,6 +264,7 @@ class CondenseFamily(Family):
             )
         cols.append({"key": "ior", "title": "IOR", "format": "pct", "better": "higher"})
         cols.append({"key": "hlr", "title": "HLR", "format": "pct", "better": "lower"})
+        cols.append({"key": "dd_score", "title": "DD-Ranking score", "format": "num", "better": "higher"})
         return cols
 
     def results_note(self) -> str:
@@ -262,5 +273,35 @@ class CondenseFamily(Family):
             f"Each set trains {e.seeds} freshly initialised networks per architecture for {e.epochs} epochs; test accuracy "
             f"on {d['test_rows']} held-out rows, scored once per network. IOR: accuracy over a random subset of the same "
             "size under the same labels (soft labels when the teacher's are used); HLR: full-data accuracy minus the "
-            "set's with hard labels (lower is better)."
+            "set's with hard labels (lower is better); DD-Ranking score = normalised exp(IOR/2 - HLR/2)."
         )
+
+
+def evaluate_saved_set(
+    recipe: CondenseRecipe, folder: Path, output: Path | None, progress: Progress
+) -> tuple[dict[str, Any], Path]:
+    """`distill eval` of a saved set (synthetic.safetensors from a run's export, or any file with
+    `images` and `labels`) with the recipe's data, controls and protocol."""
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    from distill.io import write_json_atomic
+
+    file = folder / "synthetic.safetensors" if folder.is_dir() else folder
+    if not file.is_file():
+        raise InputError(f"--student: no synthetic.safetensors in {folder}")
+    data = load_file(str(file))
+    for key in ("images", "labels"):
+        if key not in data:
+            raise InputError(f"{file}: no tensor {key!r}")
+    recipe.preflight()
+    family = CondenseFamily()
+    family.prepare(recipe, Accelerator(cpu=True), progress)
+    if list(data["images"].shape[1:]) != family.rows.in_shape:
+        raise InputError(
+            f"{file}: images are {list(data['images'].shape[1:])}, the recipe's data {family.rows.in_shape}"
+        )
+    result = {**family.score_set(data), "references": family.references}
+    path = output or (folder if folder.is_dir() else folder.parent) / "eval.standalone.json"
+    write_json_atomic(path, result)
+    return {**result, "columns": family.result_columns()}, path
