@@ -10,17 +10,15 @@ import torch
 
 import distill.condense.evaluate as ev
 from distill.classifier.data import load_digits_data, split_validation, standardize
-from distill.condense.evaluate import (
+from distill.condense.dd_ranking import (
     augmentation_robust_score,
-    cross_architecture,
     dd_ranking_score,
     dd_ranking_summary,
-    evaluate_set,
     hard_label_recovery,
     improvement_over_random,
     label_robust_score,
-    train_fresh,
 )
+from distill.condense.evaluate import cross_architecture, evaluate_set, train_fresh
 from distill.condense.selection import random_selection
 
 FAST = {"epochs": 30, "lr": 3e-3, "batch_size": 64}

@@ -16,12 +16,8 @@ from accelerate import Accelerator
 from distill.classifier.models import build_model
 from distill.classifier.prepare import Rows, table_rows
 from distill.classifier.teachers import make_teacher
-from distill.condense.evaluate import (
-    dd_ranking_score,
-    evaluate_set,
-    hard_label_recovery,
-    improvement_over_random,
-)
+from distill.condense.dd_ranking import dd_ranking_score, hard_label_recovery, improvement_over_random
+from distill.condense.evaluate import evaluate_set
 from distill.condense.selection import dataset_quantization, herding_selection, random_selection
 from distill.configs.base import MethodConfigBase
 from distill.configs.condense import CondenseMethodConfig, DatasetQuantizationConfig, HerdingConfig
