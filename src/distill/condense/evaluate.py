@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.classifier.models import build_model
+from distill.methods.classifier.base import accuracy  # the one accuracy of the project
 from distill.stats import mean_interval
 
 __all__ = ["accuracy", "cross_architecture", "evaluate_set", "train_fresh"]
@@ -42,22 +43,6 @@ class _Fit:
     model: nn.Module
     epoch: int  # the epoch whose weights are returned (1-based)
     val_acc: float | None  # validation accuracy of the returned weights, if a validation split was given
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy as a fraction in [0, 1], in eval mode, without gradients."""
-    if len(x) == 0:
-        raise ValueError("cannot score an empty split")
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            pred = model(x[i : i + batch_size].to(dev).float()).argmax(1)
-            correct += int((pred.cpu() == y[i : i + batch_size].cpu()).sum())
-    model.train(was_training)
-    return correct / len(x)
 
 
 def _targets(y_syn: torch.Tensor, soft: torch.Tensor | None, classes: int) -> torch.Tensor:
