@@ -136,7 +136,8 @@ class CondenseMethod(Method):
     def export(self, folder: Path) -> None:
         """synthetic.safetensors (every tensor) and synthetic.parquet (one row per example: the image
         as a nested list, its label, its soft label): `datasets.load_dataset("parquet", ...)` reads it."""
-        from datasets import Dataset
+        import pyarrow as pa
+        import pyarrow.parquet as pq
         from safetensors.torch import save_file
 
         data = self.synthetic()
@@ -145,7 +146,7 @@ class CondenseMethod(Method):
             rows: dict[str, list[Any]] = {"image": data["images"].tolist(), "label": data["labels"].tolist()}
             if "soft_labels" in data:
                 rows["soft_label"] = data["soft_labels"].tolist()
-            Dataset.from_dict(rows).to_parquet(str(tmp / "synthetic.parquet"))
+            pq.write_table(pa.table(rows), str(tmp / "synthetic.parquet"))
             meta = {
                 "ipc": self.ctx.ipc,
                 "classes": self.ctx.classes,
