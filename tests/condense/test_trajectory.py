@@ -13,15 +13,13 @@ from torch import nn
 
 from distill.classifier.models import build_model
 from distill.condense.dsa import DSAParams, apply_dsa
+from distill.condense.experts import ExpertBuffer, train_expert, train_experts
 from distill.condense.trajectory import (
-    ExpertBuffer,
     SavedTensorMeter,
     UnrollMode,
     peak_unroll_memory,
     saved_bytes_by_steps,
     stateless_buffers,
-    train_expert,
-    train_experts,
     trajectory_loss,
     unroll,
 )

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from distill.condense.trajectory import ExpertBuffer, train_experts, trajectory_loss, unroll
+from distill.condense.experts import ExpertBuffer, train_experts
+from distill.condense.trajectory import trajectory_loss, unroll
 from distill.configs.condense import SRe2LConfig, TrajectoryMatchConfig
 from distill.methods.base import METHODS, Phase, StepContext
 from distill.methods.condense.base import CondenseContext, CondenseMethod, LearnedStep, RealBatch, SoftLabels
