@@ -67,3 +67,15 @@ def test_tensor_file_without_labels(tmp_path: Path) -> None:
 def test_lm_only_commands_refuse_classifier_recipes(tmp_path: Path) -> None:
     data = digits_recipe(tmp_path, {"name": "ce"})
     assert_one_line_error(run_cli("cache", str(write(tmp_path, data))), "language-model recipes", "classifier")
+
+
+def test_validating_the_builtin_classifier_and_condense_recipes_loads_no_model_library() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from distill.recipe import load_recipe; "
+        "[load_recipe(n).preflight() for n in ('digits-kd', 'graph-glnn', 'digits-condense')]; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
