@@ -72,13 +72,15 @@ class CondenseFamily(Family):
         self.timing["references_s"] = time.perf_counter() - t0
 
     def network(self, seed: int) -> torch.nn.Module:
-        """The matching network, freshly initialised from `seed`."""
-        torch.manual_seed(seed)
+        """The matching network, freshly initialised from `seed` (the global RNG, which the engine
+        checkpoints and methods draw from, is left as it was)."""
         spec = self.recipe.network
-        try:
-            return build_model(spec.arch, self.rows.in_shape, self.rows.classes, spec.options)
-        except ValueError as err:
-            raise RecipeError(f"network: {err}") from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                return build_model(spec.arch, self.rows.in_shape, self.rows.classes, spec.options)
+            except ValueError as err:
+                raise RecipeError(f"network: {err}") from None
 
     # ------------------------------------------------------------------ evaluation protocol
 
