@@ -7,14 +7,14 @@
 
 Runs the built-in `digits-condense` recipe once per IPC (`--ipc 1 10`) with a CNN teacher added
 (`teacher: {model: {arch: cnn, options: {width: 32}}, steps: 600, lr: 0.003}`), `eval.soft_labels: true`
-and SRe²L added to the baselines, `eval.seeds` = `--seeds` (5). Methods: DM, MTT, DC (+DSA), DataDAM,
-SRe²L (learned) and random, herding, DQ (selections). `train.steps` comes from the recipe (200) unless
-`--steps`; `--slow-steps N` gives DC and MTT, the slowest methods, their own N steps in a second run of the
-same recipe (same controls, recomputed). Output: `runs/bench/condense-ipc<k>` (`-quick` with `--quick`),
-`-slow` for that second run.
+and `eval.seeds` = `--seeds` (5). Methods: DM, MTT, DC (+DSA), DataDAM, SRe²L (learned) and random,
+herding, DQ (selections). `train.steps` comes from the recipe (200) unless `--steps`; `--slow-steps N`
+gives DC and MTT, the slowest methods, their own N steps in a run of their own (same recipe, same
+controls, recomputed); SRe²L always runs on its own (`--sre2l-steps`, 1000; `--sre2l-lr`, 0.25: recovery
+from noise). Output: `runs/bench/condense-ipc<k>` (`-quick` with `--quick`), `-slow` and `-sre2l`.
 
 Reported per IPC: test accuracy of fresh CNNs trained on each set (mean ± 95 % Student-t half-width over
-the evaluation seeds), of fresh MLPs (cross-architecture), with the teacher's soft labels, IOR and HLR;
+the evaluation seeds), of fresh MLPs and tiny ViTs (cross-architecture), with the teacher's soft labels, IOR and HLR;
 the controls (full data, random subset with hard labels, random subset with teacher soft labels; the
 last recomputed here per seed, to give it an interval, and checked against the run's own number). Then
 the orderings: (a) every learned method above random selection at IPC 1 with non-overlapping intervals;
@@ -92,7 +92,7 @@ def make_recipe(
 
 def all_methods() -> list[dict[str, Any]]:
     data = base_data()
-    return [data["method"], *data["baselines"], {"name": "sre2l"}]
+    return [data["method"], *data["baselines"]]
 
 
 def run_one(recipe: CondenseRecipe) -> dict[str, Any]:
@@ -126,37 +126,48 @@ def random_soft_per_seed(recipe: CondenseRecipe) -> list[float]:
     return [float(a) for a in res["acc"]]
 
 
+def side_run(
+    summary: dict[str, Any], recipe: CondenseRecipe, steps: dict[str, int], walls: list[float]
+) -> None:
+    """Run `recipe` (methods with their own budget) and merge its methods into the main `summary`. Its
+    full-data control is cut to one epoch and not used: HLR and the DD score are recomputed from the main
+    run's full-data control; IOR's random + soft control is the same rows, teacher and evaluation in both
+    runs (checked in the report)."""
+    recipe.eval.full_epochs = 1
+    second = run_one(recipe)
+    full = ref(summary, "full data")
+    for label, entry in second["methods"].items():
+        after = entry["after"]
+        if after.get("hlr") is not None:
+            after["hlr"] = full - after.get("hard_accuracy", after["accuracy"])
+            if after.get("dd_score") is not None:
+                after["dd_score"] = dd_ranking_score(after["hlr"], after["ior"])
+        summary["methods"][label] = entry
+        steps[label] = second["train_steps"]
+    summary.setdefault("side_references", {})[recipe.run_dir().name] = second["references"]
+    walls.append(second["bench_wall_s"])
+
+
 def run_ipc(ipc: int, slow_steps: int | None, args: argparse.Namespace) -> dict[str, Any]:
-    """Every method at one IPC; with `slow_steps` (other than the main steps) DC and MTT run in a second
-    run of the same recipe whose full-data control is cut to one epoch (its controls are not used: HLR is
-    (and DD score) recomputed from the main run's full-data control; IOR's random + soft control is the same rows, teacher
-    and evaluation in both runs, checked in the report)."""
+    """Every method at one IPC. DC and MTT get a run of their own when `slow_steps` differs from the main
+    steps; SRe²L always runs on its own with `--sre2l-steps` and `--sre2l-lr` (recovery from noise needs
+    far more steps and a larger image lr than matching from real rows)."""
     suffix = "-quick" if args.quick else ""
     out = f"runs/bench/condense-ipc{ipc}{suffix}"
     methods = all_methods()
     main_steps = args.steps if args.steps is not None else base_data()["train"]["steps"]
     split = slow_steps is not None and slow_steps != main_steps
-    fast = [m for m in methods if not (split and m["name"] in SLOW)]
-    main = make_recipe(ipc, args.seeds, args.steps, out, fast)
+    own = {"sre2l", *(SLOW if split else ())}
+    main = make_recipe(ipc, args.seeds, args.steps, out, [m for m in methods if m["name"] not in own])
     summary = run_one(main)
     steps = {label: summary["train_steps"] for label in summary["methods"]}
     walls = [summary["bench_wall_s"]]
     if split:
         slow = [m for m in methods if m["name"] in SLOW]
-        recipe = make_recipe(ipc, args.seeds, slow_steps, out + "-slow", slow)
-        recipe.eval.full_epochs = 1
-        second = run_one(recipe)
-        full = ref(summary, "full data")
-        for label, entry in second["methods"].items():
-            after = entry["after"]
-            if after.get("hlr") is not None:
-                after["hlr"] = full - after.get("hard_accuracy", after["accuracy"])
-                if after.get("dd_score") is not None:
-                    after["dd_score"] = dd_ranking_score(after["hlr"], after["ior"])
-            summary["methods"][label] = entry
-            steps[label] = second["train_steps"]
-        summary["slow_references"] = second["references"]
-        walls.append(second["bench_wall_s"])
+        side_run(summary, make_recipe(ipc, args.seeds, slow_steps, out + "-slow", slow), steps, walls)
+    sre2l = make_recipe(ipc, args.seeds, args.sre2l_steps, out + "-sre2l", [{"name": "sre2l"}])
+    sre2l.synthetic.image_lr = args.sre2l_lr
+    side_run(summary, sre2l, steps, walls)
     t0 = time.perf_counter()
     summary["random_soft_per_seed"] = random_soft_per_seed(main)
     walls.append(time.perf_counter() - t0)
@@ -216,13 +227,13 @@ def table(ipc: int, s: dict[str, Any]) -> list[str]:
         f"Accuracies in %. CNN: fresh CNNs trained on the set with its own labels (hard, or SRe²L's teacher "
         f"relabelling), mean ± 95 % Student-t half-width over {n} evaluation seeds. The other columns are "
         "means (the run keeps only the mean for those): CNN with hard labels (differs only for SRe²L), MLP "
-        "(cross-architecture, the set's own labels), CNN with the teacher's soft labels. IOR (vs the random "
+        "and tiny ViT (cross-architecture, the set's own labels), CNN with the teacher's soft labels. IOR (vs the random "
         "subset, both with teacher soft labels), HLR (full data minus the set with hard labels) in points; "
         "DD score = DD-Ranking's label-robust score (weight 0.5).",
         "",
-        "| method | kind | distillation steps | test acc. CNN | CNN hard labels | MLP | CNN teacher soft labels "
-        "| IOR | HLR | DD score | train s | eval s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | kind | distillation steps | test acc. CNN | CNN hard labels | MLP | ViT | CNN teacher soft "
+        "labels | IOR | HLR | DD score | train s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, entry in s["methods"].items():
         a = entry["after"]
@@ -232,7 +243,7 @@ def table(ipc: int, s: dict[str, Any]) -> list[str]:
         steps = s["method_steps"][label] if kind != "selection" else "-"
         lines.append(
             f"| {label} | {kind} | {steps} | {mean_pm(per_seed(s, label))} "
-            f"| {pct(a.get('hard_accuracy', a['accuracy']))} | {pct(a.get('accuracy_mlp'))} "
+            f"| {pct(a.get('hard_accuracy', a['accuracy']))} | {pct(a.get('accuracy_mlp'))} | {pct(a.get('accuracy_vit'))} "
             f"| {pct(a.get('soft_accuracy'))} | {pct(a.get('ior'))} | {pct(a.get('hlr'))} "
             f"| {num(a.get('dd_score'))} "
             f"| {entry.get('train_seconds', math.nan):.0f} | {entry.get('eval_seconds', math.nan):.0f} |"
@@ -251,18 +262,17 @@ def table(ipc: int, s: dict[str, Any]) -> list[str]:
         f"Check: the run's random-hard control {pct(ref(s, f'random {ipc}/class (hard'))} = the `random` "
         f"method's mean {pct(mean_interval(per_seed(s, 'random'))[0])}; the run's random-soft control "
         f"{pct(ref(s, f'random {ipc}/class (teacher'))} = recomputed here {pct(mean_interval(rnd_soft)[0])}."
-        + (
-            f" DC/MTT run's controls (used for their IOR): random hard "
-            f"{pct(ref({'references': s['slow_references']}, f'random {ipc}/class (hard'))}, random soft "
-            f"{pct(ref({'references': s['slow_references']}, f'random {ipc}/class (teacher'))}; its HLR is "
-            "recomputed from the main run's full-data control."
-            if "slow_references" in s
-            else ""
+        + "".join(
+            f" Run `{name}` controls (used for its IOR): random hard "
+            f"{pct(ref({'references': r}, f'random {ipc}/class (hard'))}, random soft "
+            f"{pct(ref({'references': r}, f'random {ipc}/class (teacher'))}; its HLR is recomputed from the "
+            "main run's full-data control."
+            for name, r in s.get("side_references", {}).items()
         ),
         "",
-        f"Wall: {' + '.join(f'{w:.0f}' for w in s['walls'])} s (main run"
-        + (" + DC/MTT run" if len(s["walls"]) > 2 else "")
-        + " + random-soft recomputation); teacher "
+        f"Wall: {' + '.join(f'{w:.0f}' for w in s['walls'])} s (main run, "
+        + "".join(f"{name}, " for name in s.get("side_references", {}))
+        + "random-soft recomputation); teacher "
         f"{s['timing'].get('teacher_s', math.nan):.0f} s, controls {s['timing'].get('references_s', math.nan):.0f} s "
         "(main run).",
         "",
@@ -382,12 +392,14 @@ def main() -> None:
         default=None,
         help="train.steps for DC and MTT (own run): one value, or one per --ipc",
     )
+    p.add_argument("--sre2l-steps", type=int, default=1000, help="SRe²L recovery steps (own run)")
+    p.add_argument("--sre2l-lr", type=float, default=0.25, help="SRe²L image lr (recovery from noise)")
     p.add_argument("--seeds", type=int, default=5, help="evaluation seeds (fresh networks per set)")
     p.add_argument("--quick", action="store_true", help="steps 20, 2 evaluation seeds: a smoke run")
     p.add_argument("--markdown", type=Path, default=None, help="also write the report here")
     args = p.parse_args()
     if args.quick:
-        args.steps, args.seeds = args.steps or 20, 2
+        args.steps, args.seeds, args.sre2l_steps = args.steps or 20, 2, min(args.sre2l_steps, 100)
     given = args.slow_steps or [None]
     if len(given) not in (1, len(args.ipc)):
         p.error("--slow-steps takes one value or one per --ipc")
