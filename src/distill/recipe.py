@@ -45,6 +45,7 @@ from distill.recipe_base import (
 )
 from distill.recipe_classifier import ClassifierRecipe
 from distill.recipe_condense import CondenseRecipe
+from distill.recipe_embed import EmbedRecipe
 
 if TYPE_CHECKING:
     MethodConfig = MethodConfigBase
@@ -54,6 +55,7 @@ else:
 __all__ = [
     "ClassifierRecipe",
     "CondenseRecipe",
+    "EmbedRecipe",
     "CacheConfig",
     "CachedTeacherConfig",
     "DataConfig",

@@ -1,0 +1,1 @@
+"""The embedding family: sentence encoders, their text, their evaluation."""
