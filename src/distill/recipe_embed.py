@@ -38,7 +38,7 @@ class EmbedTeacherConfig(Strict):
 class EmbedStudentConfig(Strict):
     """`prune`: the teacher with only `layers` kept (indices into its blocks; evenly spaced when
     `num_layers` is given instead). `fresh`: a randomly initialised encoder of the teacher's architecture
-    and tokenizer with the given sizes."""
+    and tokenizer with the given sizes. `dropout` applies to every dropout of the student."""
 
     init: Literal["prune", "fresh"] = "prune"
     layers: list[int] | None = None
@@ -46,6 +46,7 @@ class EmbedStudentConfig(Strict):
     hidden_size: int | None = Field(default=None, ge=1)
     heads: int | None = Field(default=None, ge=1)
     intermediate_size: int | None = Field(default=None, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)  # the teacher is deterministic: no noise by default
 
     @model_validator(mode="after")
     def _one_depth(self) -> EmbedStudentConfig:

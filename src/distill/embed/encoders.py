@@ -106,6 +106,18 @@ def prune_depth(teacher: SentenceEncoder, layers: list[int]) -> SentenceEncoder:
     return student.train()
 
 
+def set_dropout(encoder: SentenceEncoder, p: float) -> SentenceEncoder:
+    """Every dropout of the encoder (and its config) at `p`. Distillation regresses a deterministic
+    teacher, so the default student trains without dropout."""
+    for module in encoder.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hasattr(encoder.model.config, key):
+            setattr(encoder.model.config, key, p)
+    return encoder
+
+
 def fresh_encoder(
     teacher: SentenceEncoder,
     num_layers: int | None,

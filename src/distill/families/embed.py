@@ -14,7 +14,14 @@ from accelerate import Accelerator
 
 from distill.configs.base import MethodConfigBase
 from distill.configs.embed import EmbedKDConfig
-from distill.embed.encoders import SentenceEncoder, evenly_spaced, fresh_encoder, load_encoder, prune_depth
+from distill.embed.encoders import (
+    SentenceEncoder,
+    evenly_spaced,
+    fresh_encoder,
+    load_encoder,
+    prune_depth,
+    set_dropout,
+)
 from distill.embed.evaluate import encode, neighbour_recall, pair_spearman, throughput
 from distill.embed.text import TextStream, read_sentences, tokenise
 from distill.errors import RecipeError
@@ -58,11 +65,12 @@ class EmbedFamily(Family):
             depth = len(self.teacher.blocks())
             layers = s.layers or evenly_spaced(depth, s.num_layers or max(1, depth // 2))
             self.layers: list[int] | None = layers
-            return prune_depth(self.teacher, layers)
+            return set_dropout(prune_depth(self.teacher, layers), s.dropout)
         self.layers = None
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return fresh_encoder(self.teacher, s.num_layers, s.hidden_size, s.heads, s.intermediate_size)
+            fresh = fresh_encoder(self.teacher, s.num_layers, s.hidden_size, s.heads, s.intermediate_size)
+        return set_dropout(fresh, s.dropout)
 
     def make_method(self, cfg: MethodConfigBase, seed: int) -> Method:
         if not isinstance(cfg, EmbedKDConfig):
