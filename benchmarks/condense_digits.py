@@ -58,6 +58,7 @@ from distill.recipe import parse_recipe, resolve_recipe_path
 from distill.recipe_base import RecipeBase
 from distill.recipe_condense import CondenseRecipe
 from distill.stats import mean_interval
+from report_output import emit
 
 TEACHER = {"model": {"arch": "cnn", "options": {"width": 32}}, "steps": 600, "lr": 0.003}
 SLOW = ("mtt", "dc")
@@ -427,11 +428,7 @@ def main() -> None:
         lines += table(ipc, s)
     lines += orderings(runs)
     lines += mem
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text + "\n", encoding="utf-8")
+    emit(lines, args.markdown)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from distill.pipeline import run_recipe
 from distill.recipe import load_recipe
 from distill.recipe_embed import EmbedRecipe
 from distill.stats import mean_interval
+from report_output import emit
 
 
 def recipe(seeds: list[int], steps: int | None, out: str, layers: list[int] | None) -> EmbedRecipe:
@@ -147,11 +148,7 @@ def main() -> None:
             f"| {name} | {statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f}) "
             f"| {statistics.median(ratio):.2f} ({min(ratio):.2f}-{max(ratio):.2f}) |"
         )
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text + "\n", encoding="utf-8")
+    emit(lines, args.markdown)
 
 
 if __name__ == "__main__":

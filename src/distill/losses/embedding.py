@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from distill.losses.classifier_logits import as_float as _as_float
+from distill.losses.features import _safe_norm
 
 __all__ = [
     "cosine_embedding_loss",
@@ -25,11 +26,6 @@ __all__ = [
     "similarity_kl_loss",
     "similarity_mse_loss",
 ]
-
-
-def _safe_norm(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """L2 norm over the last dim, at least ``eps``; zero gradient (not NaN) where the norm is below it."""
-    return (x * x).sum(dim=-1).clamp_min(eps * eps).sqrt()
 
 
 def _unit(x: Tensor) -> Tensor:
