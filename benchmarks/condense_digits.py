@@ -91,9 +91,13 @@ def make_recipe(
     return recipe
 
 
-def all_methods() -> list[dict[str, Any]]:
+def all_methods(only: list[str] | None = None) -> list[dict[str, Any]]:
+    """The recipe's methods (`only`: those named, with `random`, the reference every ordering needs)."""
     data = base_data()
-    return [data["method"], *data["baselines"]]
+    methods = [data["method"], *data["baselines"]]
+    if only:
+        methods = [m for m in methods if m["name"] in {*only, "random"}]
+    return methods
 
 
 def run_one(recipe: CondenseRecipe) -> dict[str, Any]:
@@ -153,9 +157,9 @@ def run_ipc(ipc: int, slow_steps: int | None, args: argparse.Namespace) -> dict[
     """Every method at one IPC. DC and MTT get a run of their own when `slow_steps` differs from the main
     steps; SRe²L always runs on its own with `--sre2l-steps` and `--sre2l-lr` (recovery from noise needs
     far more steps and a larger image lr than matching from real rows)."""
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-quick" if args.quick else "") + ("-" + "-".join(args.methods) if args.methods else "")
     out = f"runs/bench/condense-ipc{ipc}{suffix}"
-    methods = all_methods()
+    methods = all_methods(args.methods)
     main_steps = args.steps if args.steps is not None else base_data()["train"]["steps"]
     split = slow_steps is not None and slow_steps != main_steps
     own = {"sre2l", *(SLOW if split else ())}
@@ -166,9 +170,10 @@ def run_ipc(ipc: int, slow_steps: int | None, args: argparse.Namespace) -> dict[
     if split:
         slow = [m for m in methods if m["name"] in SLOW]
         side_run(summary, make_recipe(ipc, args.seeds, slow_steps, out + "-slow", slow), steps, walls)
-    sre2l = make_recipe(ipc, args.seeds, args.sre2l_steps, out + "-sre2l", [{"name": "sre2l"}])
-    sre2l.synthetic.image_lr = args.sre2l_lr
-    side_run(summary, sre2l, steps, walls)
+    if not args.methods or "sre2l" in args.methods:
+        sre2l = make_recipe(ipc, args.seeds, args.sre2l_steps, out + "-sre2l", [{"name": "sre2l"}])
+        sre2l.synthetic.image_lr = args.sre2l_lr
+        side_run(summary, sre2l, steps, walls)
     t0 = time.perf_counter()
     summary["random_soft_per_seed"] = random_soft_per_seed(main)
     walls.append(time.perf_counter() - t0)
@@ -395,6 +400,7 @@ def main() -> None:
     )
     p.add_argument("--sre2l-steps", type=int, default=1000, help="SRe²L recovery steps (own run)")
     p.add_argument("--sre2l-lr", type=float, default=0.25, help="SRe²L image lr (recovery from noise)")
+    p.add_argument("--methods", nargs="+", default=None, help="only these methods (random always runs)")
     p.add_argument("--seeds", type=int, default=5, help="evaluation seeds (fresh networks per set)")
     p.add_argument("--quick", action="store_true", help="steps 20, 2 evaluation seeds: a smoke run")
     p.add_argument("--markdown", type=Path, default=None, help="also write the report here")

@@ -44,7 +44,7 @@ class TrajectoryMatching(CondenseMethod):
         what = {
             "data": r.data.model_dump(mode="json", exclude={"batch_size", "augment", "unlabelled"}),
             "network": r.network.model_dump(mode="json"),
-            "experts": [c.experts, c.expert_epochs_total, c.expert_lr, c.flat_experts],
+            "experts": [c.experts, c.expert_epochs_total, c.expert_lr, c.flat_experts, c.expert_batch_size],
             "seed": r.seed,
             "version": 1,
         }
@@ -58,7 +58,7 @@ class TrajectoryMatching(CondenseMethod):
             )
             train_experts(
                 self.buffer, missing, lambda: family.network(0), family.x, family.y, c.expert_epochs_total,
-                c.expert_lr, 256, seed=r.seed * 1000 + len(self.buffer), flat_penalty=c.flat_experts,
+                c.expert_lr, c.expert_batch_size, seed=r.seed * 1000 + len(self.buffer), flat_penalty=c.flat_experts,
             )  # fmt: skip
         self.network = family.network(0)
 
