@@ -39,15 +39,21 @@ from distill.stats import mean_interval
 from report_output import emit
 
 
-def recipe(seeds: list[int], steps: int | None, out: str, layers: list[int] | None) -> EmbedRecipe:
+def recipe(
+    seeds: list[int], steps: int | None, out: str, layers: list[int] | None, labels: list[str] | None
+) -> EmbedRecipe:
     r = load_recipe("minilm-embed")
     assert isinstance(r, EmbedRecipe)
     r.seeds, r.output_dir = seeds, out
+    if labels is not None:
+        r.baselines = [b for b in r.baselines if b.display in labels]
     if steps is not None:
         r.train.steps = steps
-    if layers is not None:
+    if layers is not None:  # the smaller student: the best method of the 3-block run (mse), one seed
         r.student.num_layers, r.student.layers = None, layers
+        mse = next(b for b in r.baselines if b.display == "mse")
         r.baselines = []
+        r.method, r.seeds = mse, seeds[:1]
     r.eval.throughput_repeats = 1
     return r
 
@@ -94,16 +100,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="train.steps (default: the recipe's)")
     p.add_argument("--repeats", type=int, default=7, help="speed rounds")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--baselines", nargs="*", default=None, help="keep only these baseline labels")
+    p.add_argument("--resume", action="store_true", help="keep finished (method, seed) results")
     p.add_argument("--markdown", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     runs = {
-        "3 of 6 blocks (0, 2, 5)": recipe(seeds, args.steps, "runs/bench/embed-3", None),
-        "2 of 6 blocks (0, 5)": recipe(seeds, args.steps, "runs/bench/embed-2", [0, 5]),
+        "3 of 6 blocks (0, 2, 5)": recipe(seeds, args.steps, "runs/bench/embed-3", None, args.baselines),
+        "2 of 6 blocks (0, 5)": recipe(seeds, args.steps, "runs/bench/embed-2", [0, 5], args.baselines),
     }
-    summaries = {name: run_recipe(r) for name, r in runs.items()}
+    if args.resume:  # finished (method, seed) results are kept; the run's recipe may have fewer baselines
+        for r in runs.values():
+            (r.run_dir() / "recipe.yaml").unlink(missing_ok=True)
+    summaries = {name: run_recipe(r, resume=args.resume) for name, r in runs.items()}
     lines = [
         f"Seeds {seeds}; {next(iter(runs.values())).train.steps} steps; total wall "
         f"{time.perf_counter() - t0:.0f} s (training and evaluation).",
