@@ -5,8 +5,9 @@
     python benchmarks/embed_minilm.py --seeds 1 --steps 30     # a smoke run
     python benchmarks/embed_minilm.py --markdown docs/benchmarks/embed.md
 
-Runs the built-in `minilm-embed` recipe (3 of 6 blocks: 0, 2, 5; methods cosine+similarity, mse,
-cosine+similarity+relations) over `--seeds`, then the first method again with a 2-block student (0, 5).
+Runs the built-in `minilm-embed` recipe (3 of 6 blocks: 0, 2, 5; methods mse, cosine+similarity,
+cosine+similarity+relations) over `--seeds`, then `mse` with a 2-block student (0, 5), first seed only;
+`--baselines cosine+similarity` keeps only that baseline, `--resume` keeps finished (method, seed) results.
 Reported: held-out Spearman of student vs teacher similarities and recall@10 of the teacher's
 neighbours, before training (the pruned copy) and after, mean [95 % Student-t] over seeds (seeds change
 the batch order; the init is the same pruned copy). Last, encode speed side by side: the teacher and each
@@ -51,7 +52,7 @@ def recipe(
         r.train.steps = steps
     if layers is not None:  # the smaller student: the best method of the 3-block run (mse), one seed
         r.student.num_layers, r.student.layers = None, layers
-        mse = next(b for b in r.baselines if b.display == "mse")
+        mse = next(m for m in r.methods() if m.display == "mse")
         r.baselines = []
         r.method, r.seeds = mse, seeds[:1]
     r.eval.throughput_repeats = 1

@@ -13,7 +13,7 @@ from distill.recipe_embed import EmbedRecipe
 
 @pytest.mark.slow
 def test_minilm_into_three_blocks_gets_closer_to_the_teacher(tmp_path: Path) -> None:
-    """40 steps of cosine + similarity KD on the quickstart prompts raise held-out Spearman and neighbour
+    """40 steps of embedding-MSE KD on the quickstart prompts raise held-out Spearman and neighbour
     recall of the 3-block student above the untrained pruned copy's; the export loads in
     sentence-transformers."""
     r = load_recipe("minilm-embed")
