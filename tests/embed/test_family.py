@@ -53,7 +53,7 @@ def test_every_loss_trains_and_the_export_loads_in_sentence_transformers(
     assert len(model[0].auto_model.encoder.layer) == 1
 
 
-def test_fresh_narrow_student_with_projection(tmp_path: Path, tiny_teacher: Path) -> None:
+def test_fresh_narrow_student_with_projection_and_matryoshka(tmp_path: Path, tiny_teacher: Path) -> None:
     method = {
         "name": "embed_kd",
         "mse": 1.0,
@@ -61,6 +61,7 @@ def test_fresh_narrow_student_with_projection(tmp_path: Path, tiny_teacher: Path
         "projection": True,
         "relations": 1.0,
         "relation_heads": 2,
+        "matryoshka_dims": [8],
     }
     student = {"init": "fresh", "num_layers": 1, "hidden_size": 16, "heads": 2, "intermediate_size": 32}
     summary = run_recipe(parse_recipe(embed_recipe(tmp_path, tiny_teacher, method, student=student)))

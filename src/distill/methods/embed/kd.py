@@ -89,16 +89,16 @@ class EmbedKD(Method):
     ) -> dict[str, torch.Tensor]:
         """The embedding-level terms (per sample) for one student prefix (`prefix`: a Matryoshka slice)."""
         c, out = self.cfg, {}
-        if c.mse > 0 or c.cosine > 0:
+        # The projection maps the full student width, so a Matryoshka prefix gets the similarity terms only.
+        if (c.mse > 0 or c.cosine > 0) and not (prefix and projection is not None):
             if projection is not None:
                 target, mapped = teacher, projection(student)
             else:
                 target, mapped = teacher[:, : student.shape[1]], student
-            if not (prefix and projection is not None):
-                if c.mse > 0:
-                    out["mse"] = c.mse * embedding_mse_loss(mapped, target)
-                if c.cosine > 0:
-                    out["cosine"] = c.cosine * cosine_embedding_loss(mapped, target)
+            if c.mse > 0:
+                out["mse"] = c.mse * embedding_mse_loss(mapped, target)
+            if c.cosine > 0:
+                out["cosine"] = c.cosine * cosine_embedding_loss(mapped, target)
         if c.similarity > 0:
             out["similarity"] = c.similarity * similarity_kl_loss(student, teacher, c.temperature)
         if c.similarity_mse > 0:
