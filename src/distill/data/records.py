@@ -56,7 +56,7 @@ def read_examples(path_str: str, limit: int | None = None) -> list[Example]:
     elif path.suffix == ".parquet":
         rows = _read_parquet(path)
     elif path.suffix in (".jsonl", ".json"):
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
     else:
         raise InputError(f"{path}: unknown data format (use .jsonl, .parquet or a datasets folder)")
     out: list[Example] = []
@@ -69,7 +69,7 @@ def read_examples(path_str: str, limit: int | None = None) -> list[Example]:
     return out
 
 
-def _read_jsonl(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
+def read_jsonl(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,26 +10,24 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from distill.classifier.batches import TensorStream
+from distill.data.records import read_jsonl
 from distill.errors import InputError
 
 
 def read_sentences(path: Path, field: str, name: str) -> list[str]:
     """One sentence per line: a JSON object's `field` (.jsonl / .json lines) or the line itself."""
-    rows: list[str] = []
-    jsonl = path.suffix in (".jsonl", ".json")
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if not jsonl:
-            rows.append(line.strip())
-            continue
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
         try:
-            value = json.loads(line).get(field)
-        except (ValueError, AttributeError):
-            raise InputError(f"{name}: line {n} of {path} is not a JSON object") from None
-        if not isinstance(value, str) or not value.strip():
-            raise InputError(f"{name}: line {n} of {path} has no text under {field!r} (data.field)")
-        rows.append(value)
+            for where, row in read_jsonl(path):
+                value = row.get(field)
+                if not isinstance(value, str) or not value.strip():
+                    raise InputError(f"{where} has no text under {field!r} (data.field)")
+                rows.append(value)
+        except InputError as err:
+            raise InputError(f"{name}: {err}") from None
+    else:
+        rows = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(rows) < 2:
         raise InputError(f"{name}: {path} holds {len(rows)} sentence(s); at least 2 are needed")
     return rows

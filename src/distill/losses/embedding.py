@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from distill.losses.classifier_logits import as_float as _as_float
-from distill.losses.features import _safe_norm
+from distill.losses.features import _l2_normalize as _unit
 
 __all__ = [
     "cosine_embedding_loss",
@@ -26,10 +26,6 @@ __all__ = [
     "similarity_kl_loss",
     "similarity_mse_loss",
 ]
-
-
-def _unit(x: Tensor) -> Tensor:
-    return x / _safe_norm(x).unsqueeze(-1)
 
 
 def _same_shape_pair(s: Tensor, t: Tensor, name: str) -> tuple[Tensor, Tensor]:
