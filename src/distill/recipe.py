@@ -99,6 +99,15 @@ class Recipe(RecipeBase):
             raise ValueError(
                 "student.init='prune' prunes the teacher: the teacher section needs local weights"
             )
+        for field, m in zip(self.method_fields(), self.methods(), strict=True):
+            if self.student.lora is not None and getattr(m, "quantize", None) is not None:
+                raise ValueError(
+                    f"{field}.quantize: quantizing a LoRA student (QLoRA) is not supported; drop student.lora or the quantize section"
+                )
+            if getattr(m, "relations", None) is not None and self.data.packing:
+                raise ValueError(
+                    f"{field}.relations: packed rows hold several texts, and relations would cross them; set data.packing: false"
+                )
         return self
 
     def preflight(self) -> None:

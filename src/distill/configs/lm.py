@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field
 
-from distill.configs.base import DISTRIBUTION, MethodConfigBase, register_method_config
+from distill.configs.base import DISTRIBUTION, MethodConfigBase, Strict, register_method_config
 
 if TYPE_CHECKING:
     from distill.recipe_base import RecipeBase
@@ -14,8 +14,25 @@ if TYPE_CHECKING:
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 
 
+class QuantizeConfig(Strict):
+    """Integer weights for every linear layer but the LM head. `qat`: trained fake-quantized (straight-through),
+    i.e. quantization-aware distillation; `ptq`: trained in full precision and rounded after training, the
+    baseline QAD must beat."""
+
+    bits: int = Field(default=4, ge=2, le=8)
+    group_size: int | None = Field(default=32, ge=1)  # None: one scale per output channel
+    symmetric: bool = True
+    mode: Literal["qat", "ptq"] = "qat"
+
+
+class LMMethodConfig(MethodConfigBase):
+    """Fields every language-model method has."""
+
+    quantize: QuantizeConfig | None = None
+
+
 @register_method_config
-class LogitKDConfig(MethodConfigBase):
+class LogitKDConfig(LMMethodConfig):
     """Match the teacher's next-token distribution on the training text (Hinton et al. 2015; GKD's
     divergences, Agarwal et al. 2024)."""
 
@@ -32,7 +49,7 @@ class LogitKDConfig(MethodConfigBase):
 
 
 @register_method_config
-class SeqKDConfig(MethodConfigBase):
+class SeqKDConfig(LMMethodConfig):
     """Sequence-level KD (Kim & Rush 2016): plain cross-entropy on teacher-generated text."""
 
     name: Literal["seq_kd"] = "seq_kd"
@@ -48,7 +65,7 @@ class SeqKDConfig(MethodConfigBase):
 
 
 @register_method_config
-class SFTConfig(MethodConfigBase):
+class SFTConfig(LMMethodConfig):
     """Supervised fine-tuning on the dataset's own completions; no teacher."""
 
     name: Literal["sft"] = "sft"

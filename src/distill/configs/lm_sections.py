@@ -8,23 +8,39 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from distill.configs.base import Strict
+from distill.configs.compress import CalibrationConfig, LoraConfig, WidthConfig
 from distill.configs.teachers import ModelConfig
 from distill.recipe_base import EvalConfigBase
 
 
 class PruneConfig(Strict):
-    """Depth pruning: keep `keep_layers` evenly spaced layers (first and last included) or an explicit list."""
+    """Pruning the teacher into the student. Depth: keep `keep_layers` blocks, evenly spaced (first and last
+    included) or the most important by `depth` ranking, or an explicit `layers` list. Width (Minitron):
+    heads, MLP channels and embedding channels ranked by their activations on `calibration` texts
+    (`ranking: random` is the control)."""
 
     keep_layers: int | None = Field(default=None, ge=1)
     layers: list[int] | None = None
+    depth: Literal["even", "importance"] = "even"
+    width: WidthConfig | None = None
+    ranking: Literal["importance", "random"] = "importance"
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
     @model_validator(mode="after")
     def _one_of(self) -> PruneConfig:
-        if (self.keep_layers is None) == (self.layers is None):
-            raise ValueError("set exactly one of keep_layers or layers")
+        if self.keep_layers is not None and self.layers is not None:
+            raise ValueError("set keep_layers or layers, not both")
+        if self.keep_layers is None and self.layers is None and self.width is None:
+            raise ValueError("set keep_layers, layers or width")
         if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
             raise ValueError("layers must be a non-empty list of distinct indices")
+        if self.depth == "importance" and self.keep_layers is None:
+            raise ValueError("depth: 'importance' ranks blocks to keep `keep_layers` of them; set keep_layers")
         return self
+
+    def calibrated(self) -> bool:
+        """Whether building the student needs activations of calibration texts."""
+        return self.ranking == "importance" and (self.width is not None or self.depth == "importance")
 
 
 class StudentConfig(Strict):
@@ -35,6 +51,7 @@ class StudentConfig(Strict):
     prune: PruneConfig | None = None
     config: dict[str, Any] | None = None
     model: ModelConfig | None = None
+    lora: LoraConfig | None = None
 
     @model_validator(mode="after")
     def _matching_section(self) -> StudentConfig:

@@ -7,14 +7,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from distill.configs.base import MethodConfigBase
+from distill.configs.compress import CalibrationConfig
 from distill.data.answers import generated_data
 from distill.data.batching import BatchStream
 from distill.data.records import Example, read_examples
@@ -23,10 +26,14 @@ from distill.errors import InputError, RecipeError
 from distill.eval.metrics import evaluate
 from distill.families.base import FAMILIES, Family
 from distill.methods.base import METHODS, Method
-from distill.methods.lm import cross_entropy, logit_kd  # noqa: F401 - registers the LM methods
+from distill.methods.lm import (  # noqa: F401 - registers the LM methods
+    cross_entropy,
+    logit_kd,
+    representation_kd,
+)
 from distill.methods.lm.base import LMContext, LMMethod
 from distill.models.loading import load_tokenizer, shared_vocab
-from distill.models.student import build_student
+from distill.models.student import Calibration, build_student
 from distill.progress import Progress
 from distill.recipe import Recipe
 from distill.recipe_base import RecipeBase
@@ -75,8 +82,12 @@ def prepare(
 
     student = None
     info: dict[str, Any] = {}
-    if with_student:
-        student, info = build_student(recipe.student, teacher.model if teacher else None)
+    prune = recipe.student.prune if recipe.student.init == "prune" else None
+    calibrated = prune is not None and prune.calibrated()
+    if with_student and prune is not None and prune.width is not None and teacher is not None:
+        check_width(prune.width.model_dump(), teacher.model)  # before generation: a typo costs seconds
+    if with_student and not calibrated:
+        student, info = build_student(recipe.student, teacher.model if teacher else None, seed=recipe.seed)
 
     train_examples = read_examples(recipe.data.train.path, recipe.data.train.limit)
     eval_examples: list[Example] = []
@@ -115,11 +126,52 @@ def prepare(
     )
     if not train_tok:
         raise InputError(f"{recipe.data.train.path}: no usable training examples (all {dropped} dropped)")
+    if with_student and calibrated:  # ranks by activations on the training text, answers included
+        assert prune is not None and teacher is not None
+        calibration = calibration_texts(recipe, prune.calibration, tokenizer, train_tok)
+        student, info = build_student(recipe.student, teacher.model, calibration, seed=recipe.seed)
     eval_tok, _ = tokenize_examples(
         tokenizer, eval_examples, recipe.data.max_length, recipe.data.system_prompt
     )
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     return Prepared(teacher, tokenizer, vocab, pad_id, train_tok, dropped, eval_tok, student, info, timing)
+
+
+def calibration_texts(
+    recipe: Recipe, cfg: CalibrationConfig, tokenizer: PreTrainedTokenizerBase, train: list[TokenizedExample]
+) -> Calibration:
+    """(input_ids, attention_mask) batches of the first `cfg.samples` training sequences (or of
+    `cfg.path`), right-padded."""
+    if cfg.path is not None:
+        examples = read_examples(cfg.path, cfg.samples)
+        rows, _ = tokenize_examples(tokenizer, examples, recipe.data.max_length, recipe.data.system_prompt)
+    else:
+        rows = train[: cfg.samples]
+    if not rows:
+        raise InputError(f"student.prune.calibration.path: no usable examples in {cfg.path}")
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(rows), cfg.batch_size):
+            chunk = [r.input_ids for r in rows[start : start + cfg.batch_size]]
+            width = max(len(c) for c in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for i, c in enumerate(chunk):
+                ids[i, : len(c)] = torch.tensor(c)
+                mask[i, : len(c)] = 1
+            yield ids, mask
+
+    return batches
+
+
+def check_width(width: dict[str, Any], teacher: PreTrainedModel | None) -> None:
+    """A student width above the teacher's, named by its field (pruning cannot add channels)."""
+    if teacher is None:
+        return
+    for key, value in width.items():
+        have = getattr(teacher.config, key, None)
+        if value is not None and isinstance(have, int) and value > have:
+            raise RecipeError(f"student.prune.width.{key}: {value} is larger than the teacher's {have}")
 
 
 @FAMILIES.register("lm")
@@ -143,6 +195,8 @@ class LMFamily(Family):
             vocab_size=self.prep.vocab,
             chunk_size=self.recipe.train.chunk_size,
             tokenizer=self.prep.tokenizer,
+            lora=self.recipe.student.lora,
+            layer_origin=self.prep.student_info.get("kept_layers"),
         )
         method: Method = METHODS.get(cfg.name)(cfg, ctx)  # type: ignore[call-arg]
         return method
@@ -166,7 +220,7 @@ class LMFamily(Family):
             model = self.prep.student
         else:
             assert isinstance(method, LMMethod)
-            model = method.body.lm
+            model = method.eval_model()
         assert model is not None
         model.to(self.device)
         if self.exact is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -76,14 +77,53 @@ def _layers_prefix(model: PreTrainedModel) -> str:
     raise RecipeError("student.prune: cannot locate the decoder layer list")
 
 
-def build_student(
-    cfg: StudentConfig, teacher: PreTrainedModel | None
+Calibration = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def prune_ranked(
+    teacher: PreTrainedModel, prune: PruneConfig, calibration: Calibration | None, seed: int
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """Return the student model and a small description for the report."""
+    """Depth by block importance and/or width by activation importance (Minitron), or both at random
+    (the control): a plain model of the teacher's class."""
+    from distill.models.importance import calibrate, random_importance, rank_blocks
+    from distill.models.width_prune import WidthTarget, prune_model
+
+    total = teacher.config.num_hidden_layers
+    check_prune_fits(prune.keep_layers, prune.layers, total)
+    if prune.ranking == "random":
+        importance = random_importance(teacher, seed)
+    else:
+        if calibration is None:
+            raise RecipeError("student.prune.calibration: importance ranking needs calibration texts")
+        importance = calibrate(teacher, calibration())
+    if prune.layers is not None:
+        keep = sorted(prune.layers)
+    elif prune.keep_layers is not None and prune.depth == "importance":
+        keep = rank_blocks(importance, prune.keep_layers)
+    else:
+        keep = evenly_spaced_layers(total, prune.keep_layers or total)
+    width = prune.width.model_dump() if prune.width is not None else {}
+    student = prune_model(teacher, keep, WidthTarget(**width), importance)
+    info = {"init": "prune", "kept_layers": keep, "depth": prune.depth, "ranking": prune.ranking}
+    return student, info | {f"width_{k}": v for k, v in width.items() if v is not None}
+
+
+def build_student(
+    cfg: StudentConfig,
+    teacher: PreTrainedModel | None,
+    calibration: Calibration | None = None,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """Return the student model and a small description for the report. `calibration` yields
+    (input_ids, attention_mask) batches for importance ranking; `seed` drives random ranking."""
     if cfg.init == "prune":
         assert cfg.prune is not None and teacher is not None
-        student, keep = prune_depth(teacher, cfg.prune)
-        info: dict[str, Any] = {"init": "prune", "kept_layers": keep}
+        info: dict[str, Any]
+        if cfg.prune.width is not None or cfg.prune.depth == "importance":
+            student, info = prune_ranked(teacher, cfg.prune, calibration, seed)
+        else:
+            student, keep = prune_depth(teacher, cfg.prune)
+            info = {"init": "prune", "kept_layers": keep}
     elif cfg.init == "config":
         assert cfg.config is not None
         student = _student_from_config(cfg.config, teacher)
@@ -93,6 +133,10 @@ def build_student(
         student = fresh_copy_if_gguf(cfg)
         info = {"init": "pretrained", "path": cfg.model.path}
     student.train()
+    if cfg.lora is not None:
+        from distill.models.lora import add_lora
+
+        info["lora"] = add_lora(student, cfg.lora)
     info["parameters"] = sum(p.numel() for p in student.parameters())
     info["layers"] = student.config.num_hidden_layers
     return student, info

@@ -38,7 +38,15 @@ class LiveTeacherSource(TeacherSource):
     @torch.no_grad()
     def signal(self, batch: Batch, select: torch.Tensor) -> TeacherSignal:
         full = self.prefix.hidden(batch) if self.prefix is not None else batch_hidden(self.model, batch)
-        hidden = full[select]
+        return self._lazy_logits(full[select])
+
+    @torch.no_grad()
+    def full_signal(self, batch: Batch, select: torch.Tensor) -> TeacherSignal:
+        """`signal` with every position run through the model, none reused from the prefix cache, so that
+        hooks on the teacher's blocks (hidden-state and relation losses) see whole sequences."""
+        return self._lazy_logits(batch_hidden(self.model, batch)[select])
+
+    def _lazy_logits(self, hidden: torch.Tensor) -> TeacherSignal:
         vocab = self.vocab_size
 
         def logits(start: int, end: int) -> torch.Tensor:

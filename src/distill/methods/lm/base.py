@@ -5,6 +5,7 @@ as a `from_pretrained` folder."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from distill.configs.compress import LoraConfig
 from distill.data.batching import IGNORE, Batch
 from distill.errors import CompatibilityError
 from distill.methods.base import Method, Phase, StepContext
@@ -43,6 +45,8 @@ class LMContext:
     vocab_size: int  # shared teacher/student vocabulary (the student's own when there is no teacher)
     chunk_size: int
     tokenizer: Any = None  # saved with the exported student
+    lora: LoraConfig | None = None  # the student carries LoRA adapters (injected by the family)
+    layer_origin: list[int] | None = None  # the teacher block each student block was pruned from
 
 
 @dataclass
@@ -64,6 +68,11 @@ class LMMethod(Method):
         self.body = LMBody(ctx.student)
         if self.uses_teacher and ctx.teacher is None:
             raise CompatibilityError(f"method {self.name}: needs a teacher")
+        self.quant = _quant_spec(cfg, ctx.student)
+        if self.quant is not None and cfg.quantize.mode == "qat":
+            from distill.models.fake_quant import add_fake_quant
+
+            add_fake_quant(ctx.student, self.quant)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"student": self.body}
@@ -92,7 +101,47 @@ class LMMethod(Method):
             raise CompatibilityError("student: the model has no LM head")
         return StudentRows(hidden, head.weight[: self.lm.vocab_size], batch.targets[select], select)
 
+    def eval_model(self) -> PreTrainedModel:
+        """The student as users get it: rounded to integers after training when the method quantizes
+        post-training (PTQ); fake-quantized (QAD) or with adapters, the training model already computes so."""
+        if self.quant is None or self.cfg.quantize.mode != "ptq":
+            return self.body.lm
+        from distill.models.fake_quant import quantize_in_place
+
+        model = copy.deepcopy(self.body.lm)
+        quantize_in_place(model, self.quant)
+        return model
+
     def export(self, folder: Path) -> None:
+        """A plain `from_pretrained` folder: adapters merged (or a base folder plus `adapter/`), quantized
+        weights stored as their dequantized values; projections and other helpers stay out."""
         from distill.models.loading import save_student
 
-        save_student(self.body.lm, self.lm.tokenizer, folder)
+        model: Any = self.eval_model()
+        lora = self.lm.lora
+        if lora is not None:
+            from distill.models.lora import base_copy, merged_copy, save_adapter
+
+            plain: Any = merged_copy(model) if lora.merge else base_copy(model)
+            save_student(plain, self.lm.tokenizer, folder)
+            if not lora.merge:  # after the atomic folder swap, which would remove it
+                save_adapter(model, lora, folder / "adapter")
+            return
+        if self.quant is not None and self.cfg.quantize.mode == "qat":
+            from distill.models.fake_quant import materialize
+
+            model = copy.deepcopy(model)
+            materialize(model)
+        save_student(model, self.lm.tokenizer, folder)
+
+
+def _quant_spec(cfg: Any, student: PreTrainedModel) -> Any:
+    """The method's weight quantization, checked against the student's layer widths (None: full precision)."""
+    quantize = getattr(cfg, "quantize", None)
+    if quantize is None:
+        return None
+    from distill.models.fake_quant import QuantSpec, check_spec
+
+    spec = QuantSpec(bits=quantize.bits, group_size=quantize.group_size, symmetric=quantize.symmetric)
+    check_spec(student, spec)
+    return spec

@@ -15,8 +15,8 @@ from distill.losses.fused_head import chunked_head_loss
 from distill.losses.sparse import SparseTopK
 from distill.losses.tokens import DivergenceSpec
 from distill.methods.base import METHODS, StepContext
-from distill.methods.lm.base import LMContext, LMMethod
-from distill.teachers.base import SparseTeacherSignal, TeacherSignal
+from distill.methods.lm.base import LMContext, LMMethod, StudentRows
+from distill.teachers.base import AnySignal, SparseTeacherSignal, TeacherSignal
 
 
 @METHODS.register("logit_kd")
@@ -34,7 +34,12 @@ class LogitKD(LMMethod):
         teacher = self.lm.teacher
         assert teacher is not None
         rows = self.student_rows(ctx, batch)
-        signal = teacher.signal(batch, rows.select)
+        return self.logit_loss(ctx, rows, teacher.signal(batch, rows.select))
+
+    def logit_loss(
+        self, ctx: StepContext, rows: StudentRows, signal: AnySignal
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The divergence (plus optional CE) at the answer rows, through the fused chunked head."""
         if signal.num_rows != rows.hidden.shape[0]:
             raise CompatibilityError(
                 f"teacher gave {signal.num_rows} positions for {rows.hidden.shape[0]} answer tokens"
