@@ -43,9 +43,10 @@ def _batch(teacher_dir: Path, prompts: Path, tmp: Path) -> tuple[LMFamily, objec
     return fam, stream.next_batch()
 
 
-def _method(fam: LMFamily, student: torch.nn.Module, cfg: dict, origin: list[int] | None = None) -> RepresentationKD:
+def _method(fam: LMFamily, student: torch.nn.Module, cfg: dict, origin: list[int] | None = None,
+            kept: list[int] | None = None) -> RepresentationKD:
     ctx = LMContext(student=student, teacher=fam.source, vocab_size=fam.prep.vocab, chunk_size=64,
-                    tokenizer=fam.prep.tokenizer, layer_origin=origin)
+                    tokenizer=fam.prep.tokenizer, layer_origin=origin, kept_channels=kept)
     return RepresentationKD(RepresentationKDConfig.model_validate({"name": "representation_kd", **cfg}), ctx)
 
 
@@ -81,6 +82,10 @@ def test_pruned_student_pairs_with_its_origin_and_projects(tmp_path: Path, tiny_
     assert parts["hidden"] > 0 and parts["relations"] > 0
     # without origin, student block i pairs with the teacher block at the same relative depth
     assert _method(fam, narrow, TERMS).hidden_pairs == [(0, 1), (1, 3)]
+    # a width-pruned student's projection starts as the inverse of the pruning: channel i -> kept[i]
+    kept = list(range(0, 32, 2))
+    w = _method(fam, narrow, TERMS, kept=kept).projector.maps["1"].weight
+    assert torch.equal(w[kept], torch.eye(16)) and w.abs().sum() == 16
 
 
 def test_bad_layer_maps_name_the_field(tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path) -> None:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from distill.errors import RecipeError
 from distill.models.fake_quant import (
@@ -26,6 +26,7 @@ from distill.models.fake_quant import (
     quantize_in_place,
     quantize_weight,
 )
+from tests.conftest import tiny_llama
 
 SPECS = [
     QuantSpec(bits, group, sym) for bits in (2, 3, 4, 8) for group in (None, 32) for sym in (True, False)
@@ -211,17 +212,7 @@ def test_straight_through_gradient_is_exact() -> None:
 
 
 def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab=64, layers=2, hidden=32, seed=seed).eval()
 
 
 def test_qad_and_ptq_round_trip_on_llama(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ class Prepared:
     eval: list[TokenizedExample]
     student: PreTrainedModel | None
     student_info: dict[str, Any]
+    kept_channels: list[int] | None = None  # the teacher's embedding channels a width-pruned student kept
     timing: dict[str, float] = field(default_factory=dict)
 
 
@@ -134,7 +135,8 @@ def prepare(
         tokenizer, eval_examples, recipe.data.max_length, recipe.data.system_prompt
     )
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    return Prepared(teacher, tokenizer, vocab, pad_id, train_tok, dropped, eval_tok, student, info, timing)
+    kept = info.pop("kept_channels", None)
+    return Prepared(teacher, tokenizer, vocab, pad_id, train_tok, dropped, eval_tok, student, info, kept, timing)
 
 
 def calibration_texts(
@@ -197,6 +199,7 @@ class LMFamily(Family):
             tokenizer=self.prep.tokenizer,
             lora=self.recipe.student.lora,
             layer_origin=self.prep.student_info.get("kept_layers"),
+            kept_channels=self.prep.kept_channels,
         )
         method: Method = METHODS.get(cfg.name)(cfg, ctx)  # type: ignore[call-arg]
         return method

@@ -85,7 +85,7 @@ def prune_ranked(
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """Depth by block importance and/or width by activation importance (Minitron), or both at random
     (the control): a plain model of the teacher's class."""
-    from distill.models.importance import calibrate, random_importance, rank_blocks
+    from distill.models.importance import calibrate, random_importance, rank_blocks, top_indices
     from distill.models.width_prune import WidthTarget, prune_model
 
     total = teacher.config.num_hidden_layers
@@ -105,6 +105,8 @@ def prune_ranked(
     width = prune.width.model_dump() if prune.width is not None else {}
     student = prune_model(teacher, keep, WidthTarget(**width), importance)
     info = {"init": "prune", "kept_layers": keep, "depth": prune.depth, "ranking": prune.ranking}
+    if prune.width is not None and prune.width.hidden_size is not None:  # what prune_model kept
+        info["kept_channels"] = [int(i) for i in top_indices(importance.embedding, prune.width.hidden_size)]
     return student, info | {f"width_{k}": v for k, v in width.items() if v is not None}
 
 

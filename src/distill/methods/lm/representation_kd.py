@@ -37,6 +37,18 @@ class Projections(nn.Module):
         return self.maps[key](x) if key in self.maps else x
 
 
+def _projection(ds: int, dt: int, kept: list[int] | None) -> nn.Linear:
+    """Student width -> teacher width. A width-pruned student starts from the inverse of its pruning
+    (channel i back to the teacher channel it was cut from, the others 0), so the hidden loss begins as
+    the loss of the pruned channels alone rather than of a random map."""
+    proj = nn.Linear(ds, dt, bias=False)
+    if kept is not None and len(kept) == ds and max(kept) < dt:
+        with torch.no_grad():
+            proj.weight.zero_()
+            proj.weight[torch.tensor(kept), torch.arange(ds)] = 1.0
+    return proj
+
+
 def _widths(model: Any) -> dict[str, int]:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -83,7 +95,7 @@ class RepresentationKD(LogitKD):
             for s, t in self.hidden_pairs:
                 self.s_taps[f"block{s}"], self.t_taps[f"block{t}"] = s_blocks[s], t_blocks[t]
                 if project:
-                    maps[str(s)] = nn.Linear(ds, dt, bias=False)
+                    maps[str(s)] = _projection(ds, dt, ctx.kept_channels)
         self.projector = Projections(maps)
         self.relation_pairs: list[tuple[int, int]] = []
         if cfg.relations is not None:
