@@ -254,6 +254,27 @@ def cache(recipe: str, set_: SetOpt = None) -> None:
     out.print(f"cache: {info['path']} ({info['tokens']} tokens, {info['bytes_per_token']:.1f} bytes/token)")
 
 
+@app.command()
+def prune(
+    recipe: str,
+    output: Annotated[Path, typer.Option("--output", help="Where to save the pruned student.")],
+    set_: SetOpt = None,
+) -> None:
+    """Prune the teacher into the recipe's student (depth, width by activation importance) and save it."""
+    from distill.recipe import lm_recipe, load_recipe
+    from distill.stages import prune_to_folder
+
+    r = lm_recipe(load_recipe(recipe, set_), "prune")
+    progress = RichProgress()
+    try:
+        info = prune_to_folder(r, output, progress)
+    finally:
+        progress.finish()
+    out.print(
+        f"pruned student: {output} ({info['parameters'] / 1e6:.1f} M parameters, layers {info['kept_layers']})"
+    )
+
+
 # Set before transformers, huggingface_hub, datasets or tqdm is imported (each reads these once, at import):
 # distill loads local models only, and draws its own progress, which library bars would interleave with.
 _LIBRARY_ENV = {

@@ -1,6 +1,7 @@
 """The stages a user can run on their own, outside `distill run`: `distill eval` (a saved student against
 the teacher), `distill generate` (teacher answers to a prompt file) and `distill cache` (the teacher's
-top-k stored once, then read by runs with `teacher.kind: cache`)."""
+top-k stored once, then read by runs with `teacher.kind: cache`) and `distill prune` (a pruned
+student saved as a folder)."""
 
 from __future__ import annotations
 
@@ -105,3 +106,24 @@ def cache_teacher(recipe: Recipe, progress: Progress) -> dict[str, Any]:
         "tokens": manifest.total_tokens,
         "bytes_per_token": manifest.bytes_per_token,
     }
+
+
+def prune_to_folder(recipe: Recipe, folder: Path, progress: Progress) -> dict[str, Any]:
+    """Build the recipe's student (depth / width pruning, calibrated on its training text) and save it as
+    a plain `from_pretrained` folder, for recovery with any method or tool."""
+    from distill.models.loading import save_student
+
+    if recipe.student.init != "prune":
+        raise RecipeError("student.init: `distill prune` builds a pruned student; set student.init: prune")
+    preflight(recipe)
+    prep = prepare(recipe, progress, with_eval=False)
+    assert prep.student is not None
+    student: Any = prep.student
+    if recipe.student.lora is not None:  # the pruned weights, not the (untrained) adapters
+        from distill.models.lora import base_copy
+
+        student = base_copy(student)
+    save_student(student, prep.tokenizer, folder)
+    if prep.teacher is not None:
+        prep.teacher.close()
+    return prep.student_info

@@ -48,7 +48,9 @@ def _run(tmp: Path, teacher: Path, prompts: Path, **over: object) -> tuple[dict,
     return run_recipe(parse_recipe(rec)), tmp / "run" / "methods"
 
 
-def test_lora_run_trains_adapters_only_and_exports_both_ways(tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path) -> None:
+def test_lora_run_trains_adapters_only_and_exports_both_ways(
+    tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path
+) -> None:
     student = {"init": "prune", "prune": {"keep_layers": 2}, "lora": {"r": 4, "merge": True}}
     summary, methods = _run(tmp_path, tiny_teacher_dir, prompts_file, student=student)
     exported = AutoModelForCausalLM.from_pretrained(methods / "logit_kd" / "student")
@@ -63,16 +65,22 @@ def test_lora_run_trains_adapters_only_and_exports_both_ways(tmp_path: Path, tin
     base = AutoModelForCausalLM.from_pretrained(folder)
     with_adapter = peft.PeftModel.from_pretrained(base, folder / "adapter")
     ids = torch.randint(0, 1000, (1, 7))
-    assert torch.allclose(with_adapter(ids).logits, exported(ids).logits, atol=1e-5)  # same seed, same training
+    assert torch.allclose(
+        with_adapter(ids).logits, exported(ids).logits, atol=1e-5
+    )  # same seed, same training
 
 
 def _grid_values(w: torch.Tensor, group: int) -> int:
     return max(int(g.unique().numel()) for g in w.reshape(-1, group))
 
 
-def test_qad_exports_integer_grid_weights_and_ptq_rounds_at_eval(tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path) -> None:
+def test_qad_exports_integer_grid_weights_and_ptq_rounds_at_eval(
+    tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path
+) -> None:
     method = {"name": "logit_kd", "quantize": {"bits": 4, "group_size": 16, "mode": "qat"}}
-    baselines = [{"name": "logit_kd", "label": "ptq", "quantize": {"bits": 4, "group_size": 16, "mode": "ptq"}}]
+    baselines = [
+        {"name": "logit_kd", "label": "ptq", "quantize": {"bits": 4, "group_size": 16, "mode": "ptq"}}
+    ]
     _, methods = _run(tmp_path, tiny_teacher_dir, prompts_file, method=method, baselines=baselines)
     for label in ("logit_kd", "ptq"):
         model = AutoModelForCausalLM.from_pretrained(methods / label / "student")
@@ -96,7 +104,9 @@ def test_ptq_eval_model_is_rounded_copy(tmp_path: Path, tiny_teacher_dir: Path, 
     before = copy.deepcopy(method.body.lm.state_dict())
     rounded = method.eval_model()
     assert rounded is not method.body.lm
-    assert all(torch.equal(before[k], v) for k, v in method.body.lm.state_dict().items())  # training copy untouched
+    assert all(
+        torch.equal(before[k], v) for k, v in method.body.lm.state_dict().items()
+    )  # training copy untouched
     w = rounded.model.layers[0].mlp.up_proj.weight.detach()
     assert _grid_values(w, 16) <= 16
 
@@ -104,15 +114,27 @@ def test_ptq_eval_model_is_rounded_copy(tmp_path: Path, tiny_teacher_dir: Path, 
 @pytest.mark.parametrize(
     ("change", "needles"),
     [
-        ({"student": {"init": "prune", "prune": {"keep_layers": 2}, "lora": {"targets": ["w_q"]}}}, ("student.lora.targets", "w_q")),
-        ({"student": {"init": "prune", "prune": {"keep_layers": 2, "width": {"intermediate_size": 4096}}}},
-         ("student.prune.width.intermediate_size", "larger than the teacher")),
+        (
+            {"student": {"init": "prune", "prune": {"keep_layers": 2}, "lora": {"targets": ["w_q"]}}},
+            ("student.lora.targets", "w_q"),
+        ),
+        (
+            {"student": {"init": "prune", "prune": {"keep_layers": 2, "width": {"intermediate_size": 4096}}}},
+            ("student.prune.width.intermediate_size", "larger than the teacher"),
+        ),
         ({"method": {"name": "logit_kd", "quantize": {"group_size": 48}}}, ("method.quantize.group_size",)),
-        ({"student": {"init": "prune", "prune": {"keep_layers": 2}, "lora": {}},
-          "method": {"name": "logit_kd", "quantize": {}}}, ("method.quantize", "LoRA")),
+        (
+            {
+                "student": {"init": "prune", "prune": {"keep_layers": 2}, "lora": {}},
+                "method": {"name": "logit_kd", "quantize": {}},
+            },
+            ("method.quantize", "LoRA"),
+        ),
     ],
 )
-def test_bad_compression_settings_are_one_line(tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path, change: dict, needles: tuple[str, ...]) -> None:
+def test_bad_compression_settings_are_one_line(
+    tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path, change: dict, needles: tuple[str, ...]
+) -> None:
     rec = tiny_recipe(tiny_teacher_dir, prompts_file, tmp_path / "run", baselines=[])
     rec.update(change)
     assert_one_line_error(run_cli("run", str(write(tmp_path, rec))), *needles)

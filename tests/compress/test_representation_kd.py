@@ -43,33 +43,56 @@ def _batch(teacher_dir: Path, prompts: Path, tmp: Path) -> tuple[LMFamily, objec
     return fam, stream.next_batch()
 
 
-def _method(fam: LMFamily, student: torch.nn.Module, cfg: dict, origin: list[int] | None = None,
-            kept: list[int] | None = None) -> RepresentationKD:
-    ctx = LMContext(student=student, teacher=fam.source, vocab_size=fam.prep.vocab, chunk_size=64,
-                    tokenizer=fam.prep.tokenizer, layer_origin=origin, kept_channels=kept)
+def _method(
+    fam: LMFamily,
+    student: torch.nn.Module,
+    cfg: dict,
+    origin: list[int] | None = None,
+    kept: list[int] | None = None,
+) -> RepresentationKD:
+    ctx = LMContext(
+        student=student,
+        teacher=fam.source,
+        vocab_size=fam.prep.vocab,
+        chunk_size=64,
+        tokenizer=fam.prep.tokenizer,
+        layer_origin=origin,
+        kept_channels=kept,
+    )
     return RepresentationKD(RepresentationKDConfig.model_validate({"name": "representation_kd", **cfg}), ctx)
 
 
 def _loss(method: RepresentationKD, batch: object) -> tuple[torch.Tensor, dict[str, float]]:
-    step = StepContext(modules=method.modules(), normalizer=float(batch.num_loss_tokens), phase=Phase(), step=0,  # type: ignore[attr-defined]
-                       device=torch.device("cpu"))
+    step = StepContext(
+        modules=method.modules(),
+        normalizer=float(batch.num_loss_tokens),
+        phase=Phase(),
+        step=0,  # type: ignore[attr-defined]
+        device=torch.device("cpu"),
+    )
     return method.loss(step, batch)  # type: ignore[arg-type]
 
 
-def test_teacher_copy_has_zero_representation_losses(tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path) -> None:
+def test_teacher_copy_has_zero_representation_losses(
+    tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path
+) -> None:
     fam, batch = _batch(tiny_teacher_dir, prompts_file, tmp_path)
     assert isinstance(fam.source, LiveTeacherSource)
     student = copy.deepcopy(fam.source.model).train()
     method = _method(fam, student, TERMS)
     loss, parts = _loss(method, batch)
-    assert parts["hidden"] == pytest.approx(0.0, abs=1e-10) and parts["relations"] == pytest.approx(0.0, abs=1e-8)
+    assert parts["hidden"] == pytest.approx(0.0, abs=1e-10) and parts["relations"] == pytest.approx(
+        0.0, abs=1e-8
+    )
     assert parts["kd"] == pytest.approx(0.0, abs=1e-6)
     # a mismatched map (student block 0 against teacher block 3) is not zero: the pairs are really used
     _, parts = _loss(_method(fam, student, {"hidden": {"layers": [[0, 3]], "loss": "mse"}}), batch)
     assert parts["hidden"] > 1e-4
 
 
-def test_pruned_student_pairs_with_its_origin_and_projects(tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path) -> None:
+def test_pruned_student_pairs_with_its_origin_and_projects(
+    tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path
+) -> None:
     fam, batch = _batch(tiny_teacher_dir, prompts_file, tmp_path)
     narrow = tiny_llama(layers=2, hidden=16, seed=1)  # width 16 against the teacher's 32: projections
     method = _method(fam, narrow, TERMS, origin=[0, 3])
@@ -112,7 +135,9 @@ def test_run_exports_a_plain_student(tmp_path: Path, tiny_teacher_dir: Path, pro
     assert summary["methods"]["representation_kd"]["after"]["kl"] >= 0
 
 
-def test_cli_refuses_a_cached_teacher_and_a_missing_layer(tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path) -> None:
+def test_cli_refuses_a_cached_teacher_and_a_missing_layer(
+    tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path
+) -> None:
     rec = tiny_recipe(tiny_teacher_dir, prompts_file, tmp_path / "run", baselines=[])
     rec["method"] = {"name": "representation_kd", "hidden": {"layers": [[0, 0]]}}
     rec["teacher"] = {"kind": "cache", "path": str(tmp_path / "cache")}
@@ -120,4 +145,6 @@ def test_cli_refuses_a_cached_teacher_and_a_missing_layer(tmp_path: Path, tiny_t
     assert_one_line_error(run_cli("validate", str(write(tmp_path, rec))), "method", "hidden_states", "cache")
     rec = tiny_recipe(tiny_teacher_dir, prompts_file, tmp_path / "run", baselines=[])
     rec["method"] = {"name": "representation_kd", "hidden": {"layers": [[7, 0]]}}
-    assert_one_line_error(run_cli("run", str(write(tmp_path, rec))), "method.hidden.layers", "student layer 7")
+    assert_one_line_error(
+        run_cli("run", str(write(tmp_path, rec))), "method.hidden.layers", "student layer 7"
+    )
