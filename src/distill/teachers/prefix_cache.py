@@ -6,8 +6,8 @@ frozen teacher computes exactly the same keys, values and hidden states for that
 every batch. `PrefixCache` runs the prefix once (batch of one), keeps its key/value states and hidden
 states (a small LRU keyed by the prefix's token ids), and runs the teacher only on the rest of each
 row, attending to the cached prefix: the teacher's forward shrinks by the prefix's share of the tokens.
-A batch uses the longest cached prefix its rows start with; a new prefix is cached only when a batch of
-two or more rows shares one (a single row shares nothing with anyone yet).
+A batch of two or more rows is split exactly where its rows part, whatever earlier batches cached, so
+results never depend on the order batches came in (exact resume); a single row runs the plain forward.
 
 When it applies: right-padded, unpacked batches (packed rows hold several sequences, and only the first
 could see the prefix) whose rows all begin with at least `min_tokens` identical real tokens at positions
@@ -97,14 +97,12 @@ class PrefixCache:
         shared = min(shared, batch.input_ids.shape[1] - 1)
         if shared < self.min_tokens:
             return self._plain(batch)
-        row = tuple(batch.input_ids[0, :shared].tolist())
-        known = [key for key in self.entries if len(key) <= shared and row[: len(key)] == key]
-        if known:
-            key = max(known, key=len)
-        elif batch.input_ids.shape[0] > 1:  # a new prefix only when rows really share it
-            key = row
-        else:
+        if batch.input_ids.shape[0] < 2:  # a single row shares nothing with anyone
             return self._plain(batch)
+        # split exactly where this batch's rows part: a function of the batch alone, never of which
+        # prefixes earlier batches left in the cache, so a resumed run computes bit for bit what an
+        # uninterrupted one did (a split point chosen by history changes the last bits of the teacher)
+        key = tuple(batch.input_ids[0, :shared].tolist())
         try:
             out = self._with_prefix(batch, key)
         except Exception as err:  # noqa: BLE001 - any model that cannot take a cache: plain forward
