@@ -71,17 +71,31 @@ def kl_per_seed(summary: dict[str, Any], label: str) -> list[float]:
 
 
 def part_prune(args: argparse.Namespace) -> dict[str, Any]:
-    """Held-out KL of pruned students before any training: width by importance vs at random (3 seeds of
-    the random ranking), depth evenly spaced vs by block importance."""
+    """Held-out KL of pruned students before any training, 6 of 30 blocks: width by importance vs at
+    random (one random ranking per seed), depth evenly spaced vs by block importance."""
+    variants: list[tuple[str, dict[str, Any], int]] = [("depth only (6 even)", pruned(width=False), 0)]
+    variants += [("width by importance, depth even", pruned("importance"), 0)]
+    variants += [(f"width at random (seed {s}), depth even", pruned("random"), s) for s in args.seeds]
+    variants += [("width + depth by importance", pruned("importance", "importance"), 0)]
+    return evaluate_pruned(variants)
+
+
+def part_prune_width(args: argparse.Namespace) -> dict[str, Any]:
+    """The same widths with all 30 blocks kept: width pruning alone, importance vs random."""
+    full = {"init": "prune", "prune": {"width": dict(WIDTH)}}
+    variants: list[tuple[str, dict[str, Any], int]] = [("all 30 blocks, width by importance", full, 0)]
+    for s in args.seeds:
+        random = {"init": "prune", "prune": {"width": dict(WIDTH), "ranking": "random"}}
+        variants.append((f"all 30 blocks, width at random (seed {s})", random, s))
+    return evaluate_pruned(variants)
+
+
+def evaluate_pruned(variants: list[tuple[str, dict[str, Any], int]]) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from distill.families.lm import LMFamily
 
     rows: dict[str, Any] = {}
-    variants: list[tuple[str, dict[str, Any], int]] = [("depth only (6 even)", pruned(width=False), 0)]
-    variants += [("width by importance, depth even", pruned("importance"), 0)]
-    variants += [(f"width at random (seed {s}), depth even", pruned("random"), s) for s in args.seeds]
-    variants += [("width + depth by importance", pruned("importance", "importance"), 0)]
     for label, student, seed in variants:
         recipe = parse_recipe(base("prune", 1, [seed], student=student, seed=seed))
         assert isinstance(recipe, Recipe)
@@ -247,18 +261,22 @@ def report(path: Path | None) -> None:
         "Held-out KL(teacher || student) per answer token, last step; `python benchmarks/compress_smollm2.py`.",
         "",
     ]
-    if "prune" in parts:
+    for part in ("prune", "prune_width"):
+        if part not in parts:
+            continue
+        lines += [f"## Pruning before recovery (no training): `--part {part}`", ""]
         lines += [
-            "## Pruning before recovery (no training)",
-            "",
-            "| student | parameters | held-out KL | top-1 agreement |",
-            "|---|---|---|---|",
+            "| student | parameters | kept blocks | held-out KL | top-1 agreement |",
+            "|---|---|---|---|---|",
         ]
-        for label, r in parts["prune"].items():
-            lines.append(f"| {label} | {r['parameters'] / 1e6:.1f} M | {r['kl']:.4f} | {r['top1']:.3f} |")
-        rand = [r["kl"] for k, r in parts["prune"].items() if "random" in k]
+        for label, r in parts[part].items():
+            blocks = r["kept_layers"] if len(r["kept_layers"]) < 30 else "all 30"
+            lines.append(
+                f"| {label} | {r['parameters'] / 1e6:.1f} M | {blocks} | {r['kl']:.4f} | {r['top1']:.3f} |"
+            )
+        rand = [r["kl"] for k, r in parts[part].items() if "random" in k]
         if rand:
-            lines += ["", f"Random width ranking over {len(rand)} seeds: {fmt(rand)}.", ""]
+            lines += ["", f"Random width ranking, {len(rand)} seeds: {fmt(rand)} (min {min(rand):.4f}).", ""]
     if "recover" in parts:
         r = parts["recover"]
         lines += [
@@ -310,7 +328,7 @@ def report(path: Path | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["prune", "recover", "qad", "lora"])
+    ap.add_argument("--part", choices=["prune", "prune_width", "recover", "qad", "lora"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--hidden-loss", default="normalized_mse")
@@ -323,7 +341,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.part:
-        runner = {"prune": part_prune, "recover": part_recover, "qad": part_qad, "lora": part_lora}[args.part]
+        runner = {
+            "prune": part_prune,
+            "prune_width": part_prune_width,
+            "recover": part_recover,
+            "qad": part_qad,
+            "lora": part_lora,
+        }[args.part]
         result = runner(args)
         OUT.mkdir(parents=True, exist_ok=True)
         write_json_atomic(OUT / f"{args.part}.json", result)
