@@ -151,9 +151,8 @@ def part_qad(args: argparse.Namespace) -> dict[str, Any]:
     baselines = [{"name": "logit_kd", "label": "kd+ptq", "quantize": {**quant, "mode": "ptq"}}]
     if args.float_reference:
         baselines.append({"name": "logit_kd", "label": "kd (float)"})
-    data = base(
-        "qad", args.steps, args.seeds, student=pruned(width=False), method=method, baselines=baselines
-    )
+    name = "qad" + (f"-{args.tag}" if args.tag else "")
+    data = base(name, args.steps, args.seeds, student=pruned(width=False), method=method, baselines=baselines)
     summary = run_recipe(parse_recipe(data), resume=args.resume, progress=Log())
     return {
         "before": summary["before"]["kl"],
@@ -229,6 +228,42 @@ def part_lora(args: argparse.Namespace) -> dict[str, Any]:
     return rows
 
 
+def part_lora_merge(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the merged export's logit difference comes from: the 6-block student with r=16 adapters
+    (B drawn at the scale training leaves, std 0.01), merged vs unmerged on held-out sequences, in float32
+    and float64, next to the largest |logit|."""
+    from accelerate import Accelerator
+
+    from distill.families.lm import LMFamily
+    from distill.models.lora import merged_copy
+
+    recipe = parse_recipe(base("lora-merge", 1, [0], student={**pruned(width=False), "lora": {"r": 16}}))
+    assert isinstance(recipe, Recipe)
+    family = LMFamily()
+    family.prepare(recipe, Accelerator(cpu=True), Log())
+    model = family.prep.student
+    assert model is not None
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    rows: dict[str, Any] = {}
+    for dtype in (torch.float32, torch.float64):
+        unmerged = copy.deepcopy(model).to(dtype).eval()
+        merged = merged_copy(unmerged).eval()
+        worst, scale = 0.0, 0.0
+        with torch.no_grad():
+            for ex in family.prep.eval[:16]:
+                ids = torch.tensor([ex.input_ids])
+                a, b = merged(ids).logits, unmerged(ids).logits
+                worst, scale = max(worst, float((a - b).abs().max())), max(scale, float(b.abs().max()))
+        rows[str(dtype).removeprefix("torch.")] = {"max_abs_diff": worst, "max_abs_logit": scale}
+    family.close()
+    print(rows, flush=True)
+    return rows
+
+
 def merged_difference(unmerged: torch.nn.Module, folder: Path, family: Any) -> float:
     """Max |logit difference| over held-out sequences between the exported folder (from_pretrained) and
     the model that was trained."""
@@ -288,14 +323,15 @@ def report(path: Path | None) -> None:
             "|---|---|",
         ]
         lines += [f"| {label} | {fmt(v)} |" for label, v in r["kl"].items()]
-        if "hidden+logit" in r["kl"] and "logit_kd" in r["kl"]:
-            lines += [
-                "",
-                f"Paired (hidden+logit) - (logit_kd): {paired(r['kl']['hidden+logit'], r['kl']['logit_kd'])}.",
-                "",
-            ]
-    if "qad" in parts:
-        r = parts["qad"]
+        base_kl = r["kl"].get("logit_kd")
+        others = [label for label in r["kl"] if label != "logit_kd"]
+        if base_kl is not None and others:
+            lines += ["", "Paired per seed against logit KD alone (negative: lower KL):", ""]
+            lines += [f"- ({label}) - (logit_kd): {paired(r['kl'][label], base_kl)}" for label in others]
+            lines += [""]
+    qad = [p for name, p in parts.items() if name == "qad" or name.startswith("qad-")]
+    if qad:  # extra seeds run under --tag land in their own part; their per-seed values join the table
+        r = {"kl": {label: [v for p in qad for v in p["kl"][label]] for label in qad[0]["kl"]}}
         lines += [
             "## Quantization-aware distillation (int4, groups of 32)",
             "",
@@ -317,6 +353,12 @@ def report(path: Path | None) -> None:
                 f"{r['optimizer_bytes'] / 2**20:.1f} MiB | {r['seconds_per_step']:.2f} | {r['kl']:.4f} |"
             )
         diff = parts["lora"].get("lora r=16", {}).get("merged_max_abs_diff")
+        for dtype, m in parts.get("lora_merge", {}).items():
+            lines += [
+                "",
+                f"Merge check in {dtype} (adapters B ~ N(0, 0.01), no training): max |logit difference| "
+                f"{m['max_abs_diff']:.2e}, largest |logit| {m['max_abs_logit']:.1f}.",
+            ]
         if diff is not None:
             lines += [
                 "",
@@ -328,7 +370,7 @@ def report(path: Path | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["prune", "prune_width", "recover", "qad", "lora"])
+    ap.add_argument("--part", choices=["prune", "prune_width", "recover", "qad", "lora", "lora_merge"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--hidden-loss", default="normalized_mse")
@@ -336,6 +378,7 @@ def main() -> None:
     ap.add_argument("--relations", action="store_true", help="recover: also hidden + relations + logit")
     ap.add_argument("--float-reference", action="store_true", help="qad: also the float KD student")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--tag", default="", help="qad: run more seeds into their own folder and part file")
     ap.add_argument("--report", type=Path, nargs="?", const=Path("-"))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -347,10 +390,11 @@ def main() -> None:
             "recover": part_recover,
             "qad": part_qad,
             "lora": part_lora,
+            "lora_merge": part_lora_merge,
         }[args.part]
         result = runner(args)
         OUT.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(OUT / f"{args.part}.json", result)
+        write_json_atomic(OUT / f"{args.part}{'-' + args.tag if args.tag else ''}.json", result)
     if args.report is not None or not args.part:
         report(None if args.report in (None, Path("-")) else args.report)
 
