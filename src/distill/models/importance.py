@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from distill.errors import RecipeError
-from distill.models.student import _decoder_layers
+from distill.models.student import decoder_layers
 
 _PROJ = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 _NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -64,7 +64,7 @@ def llama_dims(model: PreTrainedModel) -> Dims:
     config = model.config
     body = model.base_model
     try:
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
     except RecipeError:
         raise RecipeError(
             f"student.prune.width: {name} has no .model.layers; only Llama-shaped models are supported"
@@ -163,7 +163,7 @@ def calibrate(model: PreTrainedModel, batches: Iterable[tuple[Tensor, Tensor]]) 
     """Forward hooks over calibration batches of (input_ids, attention_mask); padding excluded from every
     statistic. Positions count real tokens only, so left- and right-padded batches score alike."""
     dims = llama_dims(model)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     device = next(model.parameters()).device
     stats = _Stats(dims, device)
     handles = [final_norm(model).register_forward_hook(stats.on_norm)]

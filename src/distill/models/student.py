@@ -23,12 +23,13 @@ def evenly_spaced_layers(total: int, keep: int) -> list[int]:
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
 
 
-def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+def decoder_layers(model: PreTrainedModel, field: str = "student.prune") -> torch.nn.ModuleList:
+    """The decoder blocks of a causal LM (`.model.layers`); a model without them is one line naming `field`."""
     body = model.base_model
     layers = getattr(body, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise RecipeError(
-            f"student.prune: cannot find the decoder layers of {type(model).__name__} (expected .model.layers)"
+            f"{field}: cannot find the decoder layers of {type(model).__name__} (expected .model.layers)"
         )
     return layers
 
@@ -70,7 +71,7 @@ def prune_depth(teacher: PreTrainedModel, prune: PruneConfig) -> tuple[PreTraine
 
 
 def _layers_prefix(model: PreTrainedModel) -> str:
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     for name, module in model.named_modules():
         if module is layers:
             return name + "."

@@ -19,7 +19,7 @@ from distill.errors import RecipeError
 from distill.models.config_facts import check_prune_fits
 from distill.models.importance import Dims, Importance, final_norm, llama_dims, top_indices
 from distill.models.loading import first_line, fresh_copy
-from distill.models.student import _decoder_layers
+from distill.models.student import decoder_layers
 
 FIELD = "student.prune.width"
 
@@ -187,8 +187,8 @@ def prune_model(
     head, teacher_head = student.get_output_embeddings(), model.get_output_embeddings()
     if head is not None and teacher_head is not None and id(head.weight) not in out.filled:
         out.put(head, teacher_head, None, emb)  # untied head: its columns are embedding channels
-    for new, old in zip(_decoder_layers(student), keep, strict=True):
-        src = _decoder_layers(model)[old]
+    for new, old in zip(decoder_layers(student), keep, strict=True):
+        src = decoder_layers(model)[old]
         heads, groups = _head_rows(importance.heads[old], sizes, dims)
         q_rows, kv_rows = _rows(heads, dims.head_dim), _rows(groups, dims.head_dim)
         channels = top_indices(importance.channels[old], sizes.intermediate)

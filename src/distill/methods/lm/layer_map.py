@@ -4,21 +4,11 @@ loss reads (block outputs; attention query / key / value projections)."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from torch import nn
 
 from distill.errors import RecipeError
 from distill.models.student import evenly_spaced_layers
-
-
-def decoder_blocks(model: Any, who: str) -> nn.ModuleList:
-    blocks = getattr(model.base_model, "layers", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise RecipeError(
-            f"{who}: cannot find the decoder blocks of {type(model).__name__} (expected .model.layers)"
-        )
-    return blocks
 
 
 def layer_pairs(

@@ -17,8 +17,9 @@ from distill.errors import CompatibilityError
 from distill.losses.representation import expand_kv, hidden_state_loss, relation_kl_checkpointed
 from distill.methods.base import METHODS, StepContext
 from distill.methods.lm.base import LMContext
-from distill.methods.lm.layer_map import attention_parts, decoder_blocks, layer_pairs, relation_heads
+from distill.methods.lm.layer_map import attention_parts, layer_pairs, relation_heads
 from distill.methods.lm.logit_kd import LogitKD
+from distill.models.student import decoder_layers
 from distill.models.taps import capture_outputs
 from distill.teachers.live import LiveTeacherSource
 
@@ -76,7 +77,7 @@ class RepresentationKD(LogitKD):
         self.rcfg = cfg
         self.teacher_source = ctx.teacher
         student, teacher = ctx.student, ctx.teacher.model
-        s_blocks, t_blocks = decoder_blocks(student, "student"), decoder_blocks(teacher, "teacher.model")
+        s_blocks, t_blocks = decoder_layers(student, "student"), decoder_layers(teacher, "teacher.model")
         self.s_widths, self.t_widths = _widths(student), _widths(teacher)
         self.s_taps: dict[str, nn.Module] = {}
         self.t_taps: dict[str, nn.Module] = {}
