@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from distill.configs import METHOD_CONFIGS
 from distill.configs.base import MethodConfigBase
-from distill.configs.lm import Divergence, LogitKDConfig, SeqKDConfig, SFTConfig
+from distill.configs.lm import CROSS_TOKENIZER_METHODS, Divergence, LogitKDConfig, SeqKDConfig, SFTConfig
 from distill.configs.lm_sections import (
     CacheConfig,
     DataConfig,
@@ -103,6 +103,11 @@ class Recipe(RecipeBase):
             if self.student.lora is not None and getattr(m, "quantize", None) is not None:
                 raise ValueError(
                     f"{field}.quantize: quantizing a LoRA student (QLoRA) is not supported; drop student.lora or the quantize section"
+                )
+            if self.student.tokenizer is not None and m.name not in CROSS_TOKENIZER_METHODS:
+                raise ValueError(
+                    f"{field}.name: {m.name!r} needs the teacher's vocabulary, and student.tokenizer gives the student "
+                    f"another; use one of {', '.join(CROSS_TOKENIZER_METHODS)}"
                 )
             if getattr(m, "relations", None) is not None and self.data.packing:
                 raise ValueError(

@@ -63,7 +63,8 @@ class EmbedStudentConfig(Strict):
 
 
 class TextDataConfig(Strict):
-    """JSON-lines files (one object per line, the sentence under `field`) or plain text (one per line)."""
+    """JSON-lines files (one object per line, the sentence under `field`) or plain text (one per line).
+    For `rerank_kd`: JSON lines of {"query", "passage"} pairs (`field` unused); `batch_size` counts queries."""
 
     train: str = f"{QUICKSTART_TEXT}/quickstart_train.jsonl"
     heldout: str = f"{QUICKSTART_TEXT}/quickstart_heldout.jsonl"
@@ -74,12 +75,15 @@ class TextDataConfig(Strict):
 
 class EmbedEvalConfig(EvalConfigBase):
     """Held-out sentences: Spearman of student vs teacher cosine similarities over pairs, retrieval
-    recall@k against the teacher's top-k neighbours, encode throughput (sentences/s) beside the teacher's."""
+    recall@k against the teacher's top-k neighbours, encode throughput (sentences/s) beside the teacher's.
+    For `rerank_kd`: each held-out query's candidates are its positive and the teacher's `rerank_pool` - 1
+    highest-scored other held-out passages; `batch_size` counts pairs."""
 
     batch_size: int = Field(default=64, ge=1)
     max_pairs: int = Field(default=20000, ge=10)
     recall_k: int = Field(default=10, ge=1)
     throughput_repeats: int = Field(default=3, ge=1)
+    rerank_pool: int = Field(default=20, ge=2)
 
 
 @register_recipe

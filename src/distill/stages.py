@@ -11,16 +11,20 @@ from typing import Any
 from transformers import AutoModelForCausalLM
 
 from distill.data.answers import example_row, generated_data, teacher_answers
+from distill.data.cross_tokenizer import PairedExample, pair_examples
 from distill.data.records import read_examples
 from distill.data.tokenize import tokenize_examples
 from distill.errors import InputError, RecipeError
+from distill.eval.bits_per_byte import evaluate_bits_per_byte
 from distill.eval.metrics import evaluate
 from distill.families.lm import prepare
+from distill.families.lm_cross import differ
+from distill.families.lm_prepare import pad_id_of
 from distill.io import write_json_atomic, write_jsonl_atomic
 from distill.models.loading import load_tokenizer, shared_vocab, tokenizer_fingerprint
 from distill.progress import Progress
 from distill.recipe import ModelConfig, Recipe, preflight, probe_path
-from distill.teachers.factory import open_teacher
+from distill.teachers.factory import TeacherHandle, open_teacher
 
 
 def evaluate_saved(
@@ -36,13 +40,28 @@ def evaluate_saved(
     teacher = open_teacher(recipe.teacher, need_weights=True)
     student = AutoModelForCausalLM.from_pretrained(str(student_dir), local_files_only=True).eval()
     tok = load_tokenizer(ModelConfig(path=str(student_dir)))
-    vocab = shared_vocab(teacher.tokenizer, teacher.model, student, tok)
-    exact = teacher.exact(vocab)
-    if exact is None:
+    if teacher.model is None:
         raise RecipeError("teacher: evaluation needs the teacher's weights on this machine")
     examples = read_examples(recipe.data.eval.path, recipe.data.eval.limit)
     if recipe.data.generate is not None:
         examples = generated_data(recipe, teacher, "eval", examples, progress)
+    if differ(teacher.tokenizer, tok):  # another tokenizer: bits per byte and chunk KL
+        d = recipe.data
+        pairs, _ = pair_examples(tok, teacher.tokenizer, examples, d.max_length, d.system_prompt)
+        result = evaluate_bits_per_byte(
+            student,
+            teacher.model,
+            pairs,
+            pad_id=pad_id_of(tok),
+            teacher_pad_id=pad_id_of(teacher.tokenizer),
+            batch_size=recipe.eval.batch_size,
+            chunk_size=recipe.train.chunk_size,
+            progress=progress,
+        )
+        return _saved_eval(result, student_dir, output, teacher)
+    vocab = shared_vocab(teacher.tokenizer, teacher.model, student, tok)
+    exact = teacher.exact(vocab)
+    assert exact is not None
     tokenized, _ = tokenize_examples(tok, examples, recipe.data.max_length, recipe.data.system_prompt)
     result = evaluate(
         student,
@@ -55,6 +74,12 @@ def evaluate_saved(
         chunk_size=recipe.train.chunk_size,
         progress=progress,
     )
+    return _saved_eval(result, student_dir, output, teacher)
+
+
+def _saved_eval(
+    result: dict[str, Any], student_dir: Path, output: Path | None, teacher: TeacherHandle
+) -> tuple[dict[str, Any], Path]:
     path = output or student_dir.parent / "eval.standalone.json"
     write_json_atomic(path, result)
     teacher.close()
@@ -84,20 +109,23 @@ def cache_teacher(recipe: Recipe, progress: Progress) -> dict[str, Any]:
     prep = prepare(recipe, progress, with_student=False, with_eval=False)
     assert prep.teacher is not None
     cfg = recipe.cache
+    # across tokenizers the cache holds the teacher's view: its tokens of the same texts
+    rows = [p.teacher for p in prep.train if isinstance(p, PairedExample)] if prep.cross else prep.train
+    teacher_tok = prep.teacher.tokenizer if prep.cross else prep.tokenizer
     manifest = write_cache(
-        prep.teacher.source(prep.vocab),
-        prep.train,
+        prep.teacher.source(prep.teacher_vocab),
+        rows,
         recipe.cache_dir(),
         k=cfg.k,
         temperature=cfg.temperature,
         teacher_id=prep.teacher.ident,
-        tokenizer_hash=tokenizer_fingerprint(prep.tokenizer),
-        vocab_size=prep.vocab,
+        tokenizer_hash=tokenizer_fingerprint(teacher_tok),
+        vocab_size=prep.teacher_vocab,
         shard_size=cfg.shard_size,
         batch_size=cfg.batch_size,
         value_step=cfg.value_step,
         zstd_level=cfg.zstd_level,
-        pad_id=prep.pad_id,
+        pad_id=prep.teacher_pad_id if prep.cross else prep.pad_id,
         progress=progress,
     )
     prep.teacher.close()

@@ -69,3 +69,29 @@ class SFTConfig(LMMethodConfig):
     """Supervised fine-tuning on the dataset's own completions; no teacher."""
 
     name: Literal["sft"] = "sft"
+
+
+# methods that need no shared vocabulary: text-level losses, and cross-entropy on the (teacher's) text
+CROSS_TOKENIZER_METHODS = ("cross_tokenizer_kd", "sft", "seq_kd")
+
+AlmDivergence = Literal["binary_kl", "binary_reverse_kl", "abs_logp"]
+
+
+@register_method_config
+class CrossTokenizerKDConfig(LMMethodConfig):
+    """Distil across tokenizers over character-aligned chunks of the answer: ALM (Minixhofer et al. 2025,
+    approximate likelihood matching of chunk likelihoods) and ULD (Boizard et al. 2024, sorted-probability
+    Wasserstein at the positions where both models see the same text), plus optional cross-entropy."""
+
+    name: Literal["cross_tokenizer_kd"] = "cross_tokenizer_kd"
+    alm_weight: float = Field(default=1.0, ge=0)
+    alm_divergence: AlmDivergence = "binary_kl"
+    uld_weight: float = Field(default=0.0, ge=0)
+    ce_weight: float = Field(default=0.0, ge=0)
+    temperature: float = Field(default=1.0, gt=0)
+
+    teacher_needs: ClassVar[frozenset[str]] = frozenset({DISTRIBUTION})
+
+    def check(self, recipe: RecipeBase) -> None:
+        if self.alm_weight == 0 and self.uld_weight == 0 and self.ce_weight == 0:
+            raise ValueError("every loss weight is 0; set alm_weight, uld_weight or ce_weight")

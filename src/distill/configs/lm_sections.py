@@ -35,12 +35,32 @@ class PruneConfig(Strict):
         if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
             raise ValueError("layers must be a non-empty list of distinct indices")
         if self.depth == "importance" and self.keep_layers is None:
-            raise ValueError("depth: 'importance' ranks blocks to keep `keep_layers` of them; set keep_layers")
+            raise ValueError(
+                "depth: 'importance' ranks blocks to keep `keep_layers` of them; set keep_layers"
+            )
         return self
 
     def calibrated(self) -> bool:
         """Whether building the student needs activations of calibration texts."""
         return self.ranking == "importance" and (self.width is not None or self.depth == "importance")
+
+
+class StudentTokenizerConfig(Strict):
+    """A student tokenizer other than the teacher's (cross-tokenizer distillation): a tokenizer folder
+    (`path`), or a byte-level BPE of `vocab_size` entries trained on the training text (the teacher's
+    answers included) and saved with the student. A pruned or config-built student then gets embedding rows
+    for the new vocabulary: with `transplant`, each new token's row is the mean of the teacher rows of the
+    teacher tokens its text splits into; without, fresh random rows."""
+
+    path: ModelConfig | None = None
+    vocab_size: int | None = Field(default=None, ge=1)
+    transplant: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentTokenizerConfig:
+        if (self.path is None) == (self.vocab_size is None):
+            raise ValueError("give exactly one of path (a tokenizer folder) and vocab_size (train a BPE)")
+        return self
 
 
 class StudentConfig(Strict):
@@ -52,6 +72,7 @@ class StudentConfig(Strict):
     config: dict[str, Any] | None = None
     model: ModelConfig | None = None
     lora: LoraConfig | None = None
+    tokenizer: StudentTokenizerConfig | None = None  # differs from the teacher's: cross-tokenizer KD
 
     @model_validator(mode="after")
     def _matching_section(self) -> StudentConfig:
@@ -59,6 +80,10 @@ class StudentConfig(Strict):
         if needed is None:
             section = {"prune": "prune", "config": "config", "pretrained": "model"}[self.init]
             raise ValueError(f"init={self.init!r} needs the student.{section} section")
+        if self.init == "pretrained" and self.tokenizer is not None:
+            raise ValueError(
+                "student.tokenizer: a pretrained student brings its own tokenizer; drop this section"
+            )
         return self
 
 

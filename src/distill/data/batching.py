@@ -269,6 +269,10 @@ class BatchStream:
             plan = self._current_plan()
         rows = shard_rows(plan[self.index], self.rank, self.world)
         self.index += 1
+        return self.collate_rows(rows)
+
+    def collate_rows(self, rows: list[list[int]]) -> Batch:
+        """One batch of these rows (subclasses add what their methods need)."""
         return collate(self.examples, rows, self.pad_id, self.packing)
 
     def __iter__(self) -> Iterator[Batch]:

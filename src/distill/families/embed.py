@@ -1,6 +1,8 @@
 """The embedding family: a sentence-encoder teacher, a student cut from it (kept blocks) or built fresh
 in its architecture, sentences to distil on, and held-out numbers that compare the two encoders on one
-scale whatever the student's width: similarity Spearman, neighbour recall@k and encode throughput."""
+scale whatever the student's width: similarity Spearman, neighbour recall@k and encode throughput.
+Reranking recipes (`rerank_kd`: (query, passage) pairs, scorers) hand their data and evaluation to
+`embed.rerank_task.RerankTask`; teacher and student init are shared."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from distill.embed.encoders import (
     set_dropout,
 )
 from distill.embed.evaluate import encode, neighbour_recall, pair_spearman, throughput
+from distill.embed.rerank_task import RerankTask, is_rerank
 from distill.embed.text import TextStream, read_sentences, tokenise
 from distill.errors import RecipeError
 from distill.families.base import FAMILIES, Family
@@ -50,6 +53,12 @@ class EmbedFamily(Family):
             resolve_path(recipe.teacher.path), recipe.teacher.trust_remote_code
         )
         self.timing = {"load_s": time.perf_counter() - t0}
+        self.rerank: RerankTask | None = None
+        if is_rerank(recipe):
+            self.rerank = RerankTask(recipe, self.teacher, self.tokenizer)
+            self.init = self._student_init(recipe.seed)
+            self.timing["prepare_s"] = time.perf_counter() - t0
+            return
         d = recipe.data
         self.train_text = read_sentences(resolve_path(d.train), d.field, "data.train")
         self.heldout_text = read_sentences(resolve_path(d.heldout), d.field, "data.heldout")
@@ -73,11 +82,13 @@ class EmbedFamily(Family):
         return set_dropout(fresh, s.dropout)
 
     def make_method(self, cfg: MethodConfigBase, seed: int) -> Method:
-        if not isinstance(cfg, EmbedKDConfig):
-            raise RecipeError(f"method {cfg.name!r} does not belong to the embedding family")
         student = (
             self._student_init(seed) if self.recipe.student.init == "fresh" else copy.deepcopy(self.init)
         )
+        if self.rerank is not None:
+            return self.rerank.make_method(cfg, seed, student)
+        if not isinstance(cfg, EmbedKDConfig):
+            raise RecipeError(f"method {cfg.name!r} does not belong to the embedding family")
         ctx = EmbedContext(self.teacher, student, self.tokenizer, self.recipe.data.max_length)
         try:
             return EmbedKD(ctx, cfg)
@@ -85,9 +96,13 @@ class EmbedFamily(Family):
             raise RecipeError(f"{cfg.display}: {err}") from None
 
     def make_stream(self, method: Method, seed: int) -> Stream:
+        if self.rerank is not None:
+            return self.rerank.make_stream(method, seed)
         return TextStream(self.train_ids, self.train_mask, self.recipe.data.batch_size, seed)
 
     def evaluate(self, method: Method | None, progress: Progress) -> dict[str, Any] | None:
+        if self.rerank is not None:  # before training: the primary method's untrained scorer
+            return self.rerank.evaluate(method or self.make_method(self.recipe.method, self.recipe.seed))
         e = self.recipe.eval
         student = method.student if isinstance(method, EmbedKD) else self.init
         student.eval()
@@ -109,6 +124,11 @@ class EmbedFamily(Family):
 
     def describe(self) -> dict[str, Any]:
         r = self.recipe
+        data = (
+            self.rerank.describe_data()
+            if self.rerank is not None
+            else {"embed": {"train_sentences": len(self.train_text), "heldout_sentences": len(self.heldout_text)}}
+        )
         return {
             "teacher": r.teacher.path,
             "teacher_info": {"parameters": parameters(self.teacher), "layers": len(self.teacher.blocks())},
@@ -118,18 +138,15 @@ class EmbedFamily(Family):
                 "width": self.init.width,
                 "parameters": parameters(self.init),
             },
-            "data": {
-                "embed": {
-                    "train_sentences": len(self.train_text),
-                    "heldout_sentences": len(self.heldout_text),
-                }
-            },
+            "data": data,
         }
 
     def timings(self) -> dict[str, float]:
         return dict(self.timing)
 
     def result_columns(self) -> list[dict[str, str]]:
+        if self.rerank is not None:
+            return self.rerank.result_columns()
         k = self.recipe.eval.recall_k
         return [
             {"key": "spearman", "title": "Spearman vs teacher", "format": "num", "better": "higher"},
@@ -144,6 +161,8 @@ class EmbedFamily(Family):
         ]
 
     def results_note(self) -> str:
+        if self.rerank is not None:
+            return self.rerank.results_note()
         e = self.recipe.eval
         return (
             f"On {len(self.heldout_text)} held-out sentences: Spearman correlation of the student's and the teacher's "

@@ -133,8 +133,8 @@ def shared_vocab(
     if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
         raise CompatibilityError(
             "teacher and student tokenizers differ (vocabulary content mismatch): logit distillation needs "
-            "one vocabulary; use a student with the teacher's tokenizer, or the cross-tokenizer option "
-            "(method.cross_tokenizer, not available yet)"
+            "one vocabulary; use a student with the teacher's tokenizer, or the cross-tokenizer method "
+            "(method.name: cross_tokenizer_kd)"
         )
     real = len(student_tok)
     heads = [m.get_output_embeddings() for m in (teacher_model, student) if m is not None]

@@ -47,7 +47,9 @@ class LMContext:
     tokenizer: Any = None  # saved with the exported student
     lora: LoraConfig | None = None  # the student carries LoRA adapters (injected by the family)
     layer_origin: list[int] | None = None  # the teacher block each student block was pruned from
-    kept_channels: list[int] | None = None  # the teacher embedding channel each student channel was pruned from
+    kept_channels: list[int] | None = (
+        None  # the teacher embedding channel each student channel was pruned from
+    )
 
 
 @dataclass
