@@ -104,6 +104,10 @@ class Recipe(RecipeBase):
                 raise ValueError(
                     f"{field}.quantize: quantizing a LoRA student (QLoRA) is not supported; drop student.lora or the quantize section"
                 )
+            if self.student.tokenizer is not None and self.data.packing:
+                raise ValueError(
+                    "data.packing: cross-tokenizer batches pair each row with the teacher's; set packing: false"
+                )
             if self.student.tokenizer is not None and m.name not in CROSS_TOKENIZER_METHODS:
                 raise ValueError(
                     f"{field}.name: {m.name!r} needs the teacher's vocabulary, and student.tokenizer gives the student "

@@ -94,7 +94,7 @@ def test_vocabulary_mismatch(tmp_path: Path, good: dict, tiny_teacher_dir: Path)
     good["student"] = {"init": "pretrained", "model": {"path": str(other)}}
     good["baselines"] = []
     res = run_cli("run", str(write(tmp_path, good)))
-    assert_one_line_error(res, "tokenizers differ", "cross-tokenizer")
+    assert_one_line_error(res, "method.name", "tokenizers differ", "cross_tokenizer_kd")
     assert_no_progress_bar(res.stderr)  # two models were loaded with stderr to a pipe
 
 

@@ -47,9 +47,12 @@ def evaluate_bits_per_byte(
     batch_size: int = 8,
     chunk_size: int = 1024,
     progress: Progress | None = None,
+    teacher_memo: dict[tuple[int, ...], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Student (and teacher) bits per byte of every held-out answer, and the chunk KL when the teacher's
-    weights are here."""
+    weights are here. `teacher_memo` keeps the teacher's answer log-probs between calls: the teacher is
+    scored once however many students are evaluated."""
+    memo = teacher_memo if teacher_memo is not None else {}
     progress = progress or NullProgress()
     was_training = student.training
     student.eval()
@@ -66,7 +69,10 @@ def evaluate_bits_per_byte(
         tokens += int(s_logp.shape[0])
         if teacher is not None:
             assert batch.teacher is not None
-            t_logp = answer_logprobs(teacher, batch.teacher, chunk_size)
+            key = tuple(idx)
+            if key not in memo:
+                memo[key] = answer_logprobs(teacher, batch.teacher, chunk_size).cpu()
+            t_logp = memo[key].to(device)
             nats["teacher"] -= float(t_logp.sum())
             n = batch.num_chunks
             kl = alm_loss(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 from distill.configs.base import MethodConfigBase
@@ -14,6 +15,7 @@ from distill.data.batching import BatchStream
 from distill.data.cross_tokenizer import CrossBatchStream, PairedExample
 from distill.eval.bits_per_byte import evaluate_bits_per_byte
 from distill.eval.metrics import evaluate
+from distill.errors import RecipeError
 from distill.families import lm_cross
 from distill.families.base import FAMILIES, Family
 from distill.families.lm_prepare import Prepared, prepare
@@ -45,9 +47,15 @@ class LMFamily(Family):
         teacher, vocab = self.prep.teacher, self.prep.teacher_vocab
         self.source = teacher.source(vocab) if teacher else None
         self.exact: LiveTeacherSource | None = teacher.exact(vocab) if teacher else None
+        self.teacher_memo: dict[tuple[int, ...], torch.Tensor] = {}  # held-out teacher log-probs, scored once
 
     def make_method(self, cfg: MethodConfigBase, seed: int) -> Method:
         assert self.prep.student is not None
+        if cfg.name == "cross_tokenizer_kd" and not self.prep.cross:
+            raise RecipeError(
+                "method.name: cross_tokenizer_kd is for a student whose tokenizer differs from the teacher's, and "
+                "here they are the same; set student.tokenizer, or use logit_kd"
+            )
         ctx = LMContext(
             student=copy.deepcopy(self.prep.student),
             teacher=self.source,
@@ -106,6 +114,7 @@ class LMFamily(Family):
                 batch_size=self.recipe.eval.batch_size,
                 chunk_size=self.recipe.train.chunk_size,
                 progress=progress,
+                teacher_memo=self.teacher_memo,
             )
         return evaluate(
             model,

@@ -36,11 +36,18 @@ class TeacherTerms:
 
 
 def teacher_terms(
-    signal: AnySignal, targets: torch.Tensor, first: torch.Tensor, temperature: float, chunk_rows: int
+    signal: AnySignal,
+    targets: torch.Tensor,
+    first: torch.Tensor,
+    temperature: float,
+    chunk_rows: int,
+    top: int | None = None,
 ) -> TeacherTerms:
     """Read the teacher's signal at its answer positions: dense logits chunk by chunk (never all N x V at
     once), or top-k log-probabilities (a token outside the top-k gets the tail mass spread evenly over the
-    tokens the top-k leave out)."""
+    tokens the top-k leave out). A dense teacher's distribution is kept as its `top` largest probabilities
+    and the rest as a tail: with `top` >= the student's vocabulary, ULD's value is the same as over the
+    full sorted vector, at a fraction of a full sort (0: skip it, when ULD is off)."""
     device = targets.device
     if isinstance(signal, SparseTeacherSignal):
         ids, logp = signal.ids.to(device), signal.logprobs.to(device).float()
@@ -55,16 +62,21 @@ def teacher_terms(
         probs = scaled[first].exp()
         return TeacherTerms(token_logp, probs[:, :-1], probs[:, -1], int((~hit.any(-1)).sum()))
     out = torch.empty(targets.shape[0], device=device)
+    keep = signal.vocab_size if top is None else min(top, signal.vocab_size)
     sorted_rows: list[torch.Tensor] = []
     for start in range(0, signal.num_rows, chunk_rows):
         end = min(start + chunk_rows, signal.num_rows)
         logits = signal.logits(start, end).float()
         out[start:end] = token_logprobs(logits, targets[start:end])
         wanted = first[(first >= start) & (first < end)] - start
-        if wanted.numel():
+        if wanted.numel() and keep > 0:
             probs = torch.softmax(logits[wanted] / temperature, -1)
-            sorted_rows.append(torch.sort(probs, -1, descending=True).values)
-    return TeacherTerms(out, torch.cat(sorted_rows), None, 0)
+            sorted_rows.append(torch.topk(probs, keep, -1).values)
+    if not sorted_rows:
+        return TeacherTerms(out, out.new_zeros(first.shape[0], 0), None, 0)
+    probs = torch.cat(sorted_rows)
+    rest = (1.0 - probs.sum(-1)).clamp_min(0.0) if keep < signal.vocab_size else None
+    return TeacherTerms(out, probs, rest, 0)
 
 
 @METHODS.register("cross_tokenizer_kd")
@@ -99,7 +111,10 @@ class CrossTokenizerKD(LMMethod):
             raise CompatibilityError(
                 f"teacher gave {signal.num_rows} positions for {batch.teacher_chunk.shape[0]}"
             )
-        terms = teacher_terms(signal, t_targets, batch.teacher_first, cfg.temperature, self.lm.chunk_size)
+        top = self.lm.vocab_size if cfg.uld_weight > 0 else 0
+        terms = teacher_terms(
+            signal, t_targets, batch.teacher_first, cfg.temperature, self.lm.chunk_size, top
+        )
 
         total = logits.new_zeros(())
         parts: dict[str, float] = {}
