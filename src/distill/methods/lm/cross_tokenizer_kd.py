@@ -75,8 +75,8 @@ def teacher_terms(
     if not sorted_rows:
         return TeacherTerms(out, out.new_zeros(first.shape[0], 0), None, 0)
     probs = torch.cat(sorted_rows)
-    rest = (1.0 - probs.sum(-1)).clamp_min(0.0) if keep < signal.vocab_size else None
-    return TeacherTerms(out, probs, rest, 0)
+    leftover = (1.0 - probs.sum(-1)).clamp_min(0.0) if keep < signal.vocab_size else None
+    return TeacherTerms(out, probs, leftover, 0)
 
 
 @METHODS.register("cross_tokenizer_kd")
