@@ -79,3 +79,41 @@ def test_cut_back_and_resumed_equals_uninterrupted(
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_served_teacher_step_through_http() -> None:
+    """A served teacher (top-k log-probs over HTTP, here the fake OpenAI-compatible server of the served
+    tests) scores the teacher's tokens of a cross-tokenizer batch; the step trains the student."""
+    from distill.configs.lm import CrossTokenizerKDConfig
+    from distill.data.alignment import Chunk
+    from distill.data.cross_tokenizer import PairedExample, collate_pairs
+    from distill.data.tokenize import TokenizedExample
+    from distill.methods.base import Phase, StepContext
+    from distill.methods.lm.base import LMContext
+    from distill.methods.lm.cross_tokenizer_kd import CrossTokenizerKD
+    from distill.teachers.served_source import ServedTeacherSource
+    from tests.conftest import tiny_llama
+    from tests.teachers.test_served import FakeServer, FakeTokenizer, served_cfg
+
+    pairs = [
+        PairedExample(
+            [5, 6, 7, 8, 9, 10],
+            3,
+            TokenizedExample([100, 200, 300, 400, 500], 2),
+            [Chunk(0, 2, 0, 1), Chunk(2, 3, 1, 3)],
+            9,
+        ),
+        PairedExample([5, 6, 11, 12], 2, TokenizedExample([100, 700, 800, 900], 2), [Chunk(0, 2, 0, 2)], 4),
+    ]
+    batch = collate_pairs(pairs, [[0], [1]], 0, 0)
+    student = tiny_llama(vocab=300, layers=1)
+    with FakeServer(["ok"] * 8) as fake:
+        source = ServedTeacherSource(served_cfg(fake.url), tokenizer=FakeTokenizer())
+        cfg = CrossTokenizerKDConfig(uld_weight=0.5, ce_weight=0.1)
+        method = CrossTokenizerKD(cfg, LMContext(student, source, 300, chunk_size=4))
+        ctx = StepContext(method.modules(), float(batch.num_loss_tokens), Phase(), 0, torch.device("cpu"))
+        loss, parts = method.loss(ctx, batch)
+        source.close()
+    assert batch.num_chunks == 3 and torch.isfinite(loss) and parts["alm"] > 0 and parts["uld"] > 0
+    loss.backward()
+    assert student.model.embed_tokens.weight.grad is not None
