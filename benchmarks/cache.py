@@ -234,7 +234,10 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument(
-        "--student", type=Path, default=None, help="a trained student folder for (a'') (default: the quickstart's)"
+        "--student",
+        type=Path,
+        default=None,
+        help="a trained student folder for (a'') (default: the quickstart's)",
     )
     p.add_argument(
         "--keep", type=Path, default=None, help="write the cache here (kept) instead of a temp folder"

@@ -30,9 +30,15 @@ def main() -> None:
     t_live, t_cache = live["step_seconds_median"], cache["step_seconds_median"]
     print(f"steps                         {live['steps']}")
     print(f"held-out KL, live teacher     {kl_live:.4f}")
-    print(f"held-out KL, cached top-k     {kl_cache:.4f}   ({rel:+.1%}; target within 5 %: {'PASS' if abs(rel) <= 0.05 else 'FAIL'})")
-    print(f"top-1 agreement live / cache  {live['after']['top1_agreement']:.4f} / {cache['after']['top1_agreement']:.4f}")
-    print(f"median step s, live / cache   {t_live:.3f} / {t_cache:.3f}   (cache/live = {t_cache / t_live:.2f})")
+    print(
+        f"held-out KL, cached top-k     {kl_cache:.4f}   ({rel:+.1%}; target within 5 %: {'PASS' if abs(rel) <= 0.05 else 'FAIL'})"
+    )
+    print(
+        f"top-1 agreement live / cache  {live['after']['top1_agreement']:.4f} / {cache['after']['top1_agreement']:.4f}"
+    )
+    print(
+        f"median step s, live / cache   {t_live:.3f} / {t_cache:.3f}   (cache/live = {t_cache / t_live:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def teacher_answers(recipe: Recipe, pair: Pair, n_prompts: int) -> tuple[list[Ex
     prompts = prompts[::step][:n_prompts]  # spread over the file's categories
     assert recipe.data.generate is not None
     cfg = recipe.data.generate.model_copy(update={"max_new_tokens": 64})
-    log(f"no stored quickstart answers (run `distill quickstart` first): the teacher answers {len(prompts)} prompts (max_new_tokens 64)")
+    log(
+        f"no stored quickstart answers (run `distill quickstart` first): the teacher answers {len(prompts)} prompts (max_new_tokens 64)"
+    )
     out = generate_completions(
         pair.teacher, pair.tokenizer, prompts, cfg, system_prompt=recipe.data.system_prompt
     )

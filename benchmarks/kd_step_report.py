@@ -86,7 +86,9 @@ def loop_rows(loops: dict[str, list[LoopRun]], trl_skipped: str | None) -> list[
         Row("distill loop real tok/s (fwd KL)", Spread([r.tokens_per_s for r in d]).fmt(0)),
         Row("distill loop s/step | padding", f"{Spread([r.step_s for r in d]).fmt(unit='s')} | {padding(d)}"),
         Row("  same without the teacher prefix cache", Spread([r.tokens_per_s for r in n]).fmt(0)),
-        Row("  prefix cache speed-up", ratio([r.tokens_per_s for r in d], [r.tokens_per_s for r in n]).fmt(2)),
+        Row(
+            "  prefix cache speed-up", ratio([r.tokens_per_s for r in d], [r.tokens_per_s for r in n]).fmt(2)
+        ),
     ]
     if "trl" not in loops:
         return rows + [Row("TRL GKD", f"not run: {trl_skipped}")]

@@ -16,7 +16,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def tiny_llama(vocab: int = 49152, layers: int = 4, hidden: int = 32, dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(
+    vocab: int = 49152, layers: int = 4, hidden: int = 32, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab,
@@ -74,7 +76,12 @@ def tiny_recipe(teacher_dir: Path, train: Path, out: Path, **overrides: object) 
         "data": {
             "train": {"path": str(train)},
             "eval": {"path": str(train), "limit": 6},
-            "generate": {"max_new_tokens": 6, "batch_size": 8, "do_sample": True, "store": str(out.parent / "generated")},
+            "generate": {
+                "max_new_tokens": 6,
+                "batch_size": 8,
+                "do_sample": True,
+                "store": str(out.parent / "generated"),
+            },
             "max_length": 64,
             "batch_size": 4,
         },
@@ -89,7 +96,9 @@ def tiny_recipe(teacher_dir: Path, train: Path, out: Path, **overrides: object) 
 
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and its descendants (torchrun starts its workers in sessions of their own)."""
-    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    children = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True
+    ).stdout.split()
     os.kill(pid, signal.SIGSTOP)  # no respawn while the tree is taken down
     for child in children:
         kill_tree(int(child))

@@ -19,7 +19,14 @@ def test_run_writes_everything(tmp_path: Path, tiny_teacher_dir: Path, prompts_f
     recipe = parse_recipe(tiny_recipe(tiny_teacher_dir, prompts_file, tmp_path / "run"))
     summary = run_recipe(recipe)
     run = tmp_path / "run"
-    for f in ("recipe.yaml", "eval.json", "report.md", "report.html", "loss_curves.png", "kl_by_position.png"):
+    for f in (
+        "recipe.yaml",
+        "eval.json",
+        "report.md",
+        "report.html",
+        "loss_curves.png",
+        "kl_by_position.png",
+    ):
         assert (run / f).is_file(), f
     generated = sorted((tmp_path / "generated").glob("*.jsonl"))
     assert [p.name.split("-")[0] for p in generated] == ["eval", "train"]
@@ -55,14 +62,23 @@ def _cli(*args: str) -> list[str]:
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, tiny_teacher_dir: Path) -> None:
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({"prompt": f"Say {i} twice.", "completion": f"{i} {i}, and again {i}."}) + "\n" for i in range(40)))
+    train.write_text(
+        "".join(
+            json.dumps({"prompt": f"Say {i} twice.", "completion": f"{i} {i}, and again {i}."}) + "\n"
+            for i in range(40)
+        )
+    )
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     straight = _write_recipe(tmp_path, tiny_teacher_dir, train, tmp_path / "straight")
     subprocess.run(_cli("run", str(straight)), check=True, env=env, capture_output=True)
 
     killed = _write_recipe(tmp_path, tiny_teacher_dir, train, tmp_path / "killed")
-    kill_after_first_checkpoint(_cli("run", str(killed)), tmp_path / "killed" / "methods" / "logit_kd" / "checkpoints", env=env)
-    assert not (tmp_path / "killed" / "methods" / "logit_kd" / "student").exists(), "run finished before the kill"
+    kill_after_first_checkpoint(
+        _cli("run", str(killed)), tmp_path / "killed" / "methods" / "logit_kd" / "checkpoints", env=env
+    )
+    assert not (tmp_path / "killed" / "methods" / "logit_kd" / "student").exists(), (
+        "run finished before the kill"
+    )
 
     subprocess.run(_cli("run", str(killed), "--resume"), check=True, env=env, capture_output=True)
     summary = json.loads((tmp_path / "killed" / "eval.json").read_text())
@@ -78,7 +94,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, tiny_teacher_
     assert [json.loads(r)["loss"] for r in rows_a] == [json.loads(r)["loss"] for r in rows_b]
 
 
-def test_seeds_and_labelled_variants_give_mean_and_interval(tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path) -> None:
+def test_seeds_and_labelled_variants_give_mean_and_interval(
+    tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path
+) -> None:
     rec = tiny_recipe(tiny_teacher_dir, prompts_file, tmp_path / "run")
     rec["method"] = {"name": "logit_kd", "label": "fwd_kl"}
     rec["baselines"] = [{"name": "logit_kd", "label": "jsd", "divergence": "jsd"}]
@@ -97,7 +115,9 @@ def test_seeds_and_labelled_variants_give_mean_and_interval(tmp_path: Path, tiny
         kls = [entry["seeds"][s]["after"]["kl"] for s in ("0", "1", "2")]
         assert lo <= sum(kls) / 3 <= hi and lo < hi
         for s in (0, 1, 2):
-            assert (tmp_path / "run" / "methods" / label / f"seed-{s}" / "student" / "model.safetensors").is_file()
+            assert (
+                tmp_path / "run" / "methods" / label / f"seed-{s}" / "student" / "model.safetensors"
+            ).is_file()
     assert summary["methods"]["jsd"]["seeds"]["0"]["method"]["divergence"] == "jsd"
     report = (tmp_path / "run" / "report.md").read_text()
     assert "mean over 3 seeds" in report or "over 3 seeds" in report
@@ -109,4 +129,8 @@ def test_same_method_twice_needs_labels(tmp_path: Path, tiny_teacher_dir: Path, 
     path = tmp_path / "dup.yaml"
     path.write_text(yaml.safe_dump(rec))
     done = subprocess.run(_cli("validate", str(path)), capture_output=True, text=True)
-    assert done.returncode == 2 and "distinct labels" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert (
+        done.returncode == 2
+        and "distinct labels" in done.stderr
+        and len(done.stderr.strip().splitlines()) == 1
+    )

@@ -30,7 +30,10 @@ def test_defaults_in_code() -> None:
     ("mutate", "field"),
     [
         (lambda d: d.update(bogus=1), "bogus"),
-        (lambda d: d["train"].update(stepz=3) if "train" in d else d.update(train={"stepz": 3}), "train.stepz"),
+        (
+            lambda d: d["train"].update(stepz=3) if "train" in d else d.update(train={"stepz": 3}),
+            "train.stepz",
+        ),
         (lambda d: d.update(train={"steps": "many"}), "train.steps"),
         (lambda d: d["method"].update(divergence="kl2"), "method.logit_kd.divergence"),
         (lambda d: d["method"].update(name="nope"), "method"),
@@ -60,7 +63,9 @@ def test_capability_checks() -> None:
 
 
 def test_overrides() -> None:
-    r = parse_recipe(base(), ["train.steps=7", "method.divergence=jsd", "method.beta=0.3", "data.packing=true"])
+    r = parse_recipe(
+        base(), ["train.steps=7", "method.divergence=jsd", "method.beta=0.3", "data.packing=true"]
+    )
     assert r.train.steps == 7 and r.method.divergence == "jsd" and r.method.beta == 0.3  # type: ignore[union-attr]
     assert r.data.packing is True
     d = {"a": [{"b": 1}]}
@@ -125,7 +130,9 @@ def hf_teacher(tmp_path, layers: int = 4, vocab: int = 500) -> dict:  # type: ig
     import json
 
     (tmp_path / "teacher").mkdir(exist_ok=True)
-    (tmp_path / "teacher" / "config.json").write_text(json.dumps({"num_hidden_layers": layers, "vocab_size": vocab}))
+    (tmp_path / "teacher" / "config.json").write_text(
+        json.dumps({"num_hidden_layers": layers, "vocab_size": vocab})
+    )
     (tmp_path / "t.jsonl").write_text('{"prompt": "hi"}\n')
     d = base()
     d["teacher"]["model"]["path"] = str(tmp_path / "teacher")
@@ -137,8 +144,14 @@ def hf_teacher(tmp_path, layers: int = 4, vocab: int = 500) -> dict:  # type: ig
     ("overrides", "message"),
     [
         (["student.prune.keep_layers=5"], "student.prune.keep_layers: 5 is more than the teacher's 4 layers"),
-        (["student.prune.keep_layers=null", "student.prune.layers=[0,4]"], "student.prune.layers: [4] out of range"),
-        (["student.prune.keep_layers=null", "student.prune.layers=[-1,2]"], "student.prune.layers: [-1] out of range"),
+        (
+            ["student.prune.keep_layers=null", "student.prune.layers=[0,4]"],
+            "student.prune.layers: [4] out of range",
+        ),
+        (
+            ["student.prune.keep_layers=null", "student.prune.layers=[-1,2]"],
+            "student.prune.layers: [-1] out of range",
+        ),
         (["cache.k=501"], "cache.k: 501 is above the teacher's vocabulary (500 tokens)"),
     ],
 )

@@ -49,7 +49,16 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path: Path) -> N
     one = subprocess.run([sys.executable, "-m", "distill.cli", "run", str(_recipe(tmp_path, "one", 32, teacher))],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert one.returncode == 0, one.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "distill.cli"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "distill.cli",
+    ]
     two = subprocess.run([*torchrun, "run", str(_recipe(tmp_path, "two", 16, teacher))],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert two.returncode == 0, two.stderr[-2000:]

@@ -45,7 +45,9 @@ def test_teacher_class_count_mismatch(tmp_path: Path) -> None:
 
 def test_unknown_architecture_and_option(tmp_path: Path) -> None:
     data = digits_recipe(tmp_path, {"name": "ce"}, student={"arch": "transformer"})
-    assert_one_line_error(run_cli("run", str(write(tmp_path, data))), "student", "unknown architecture 'transformer'")
+    assert_one_line_error(
+        run_cli("run", str(write(tmp_path, data))), "student", "unknown architecture 'transformer'"
+    )
     data = digits_recipe(tmp_path, {"name": "ce"}, student={"arch": "mlp", "options": {"widht": 3}})
     assert_one_line_error(run_cli("run", str(write(tmp_path, data))), "student", "unknown option 'widht'")
 
@@ -66,7 +68,9 @@ def test_tensor_file_without_labels(tmp_path: Path) -> None:
 
 def test_lm_only_commands_refuse_classifier_recipes(tmp_path: Path) -> None:
     data = digits_recipe(tmp_path, {"name": "ce"})
-    assert_one_line_error(run_cli("cache", str(write(tmp_path, data))), "language-model recipes", "classifier")
+    assert_one_line_error(
+        run_cli("cache", str(write(tmp_path, data))), "language-model recipes", "classifier"
+    )
 
 
 def test_validating_the_builtin_classifier_and_condense_recipes_loads_no_model_library() -> None:

@@ -20,7 +20,9 @@ from tests.classifier.recipes import digits_recipe, graph_recipe
 
 
 def test_digits_kd_and_ce_over_two_seeds(tmp_path: Path) -> None:
-    data = digits_recipe(tmp_path, {"name": "kd", "temperature": 4.0}, baselines=[{"name": "ce"}], seeds=[0, 1])
+    data = digits_recipe(
+        tmp_path, {"name": "kd", "temperature": 4.0}, baselines=[{"name": "ce"}], seeds=[0, 1]
+    )
     summary = run_recipe(parse_recipe(data))
     teacher = summary["references"]["teacher"]["accuracy"]
     assert teacher > 0.85  # a CNN on digits after 120 steps
@@ -48,7 +50,9 @@ def test_digits_kd_and_ce_over_two_seeds(tmp_path: Path) -> None:
     # The teacher was trained once and is reused by a second run with the same data and teacher.
     stored = list((tmp_path / "teachers").iterdir())
     assert len(stored) == 1 and (stored[0] / "model" / "model.safetensors").exists()
-    again = run_recipe(parse_recipe({**data, "output_dir": str(tmp_path / "run2"), "seeds": [0], "baselines": []}))
+    again = run_recipe(
+        parse_recipe({**data, "output_dir": str(tmp_path / "run2"), "seeds": [0], "baselines": []})
+    )
     assert again["references"]["teacher"]["accuracy"] == teacher
     assert again["timing"]["teacher_s"] < summary["timing"]["teacher_s"]
 
@@ -66,7 +70,11 @@ def test_ensemble_teacher_and_label_free_kd(tmp_path: Path) -> None:
 
 def test_graph_glnn(tmp_path: Path) -> None:
     vq = {"name": "vqgraph", "student_layer": "layers.0", "codes": 8}
-    summary = run_recipe(parse_recipe(graph_recipe(tmp_path, {"name": "kd", "temperature": 1.0}, baselines=[{"name": "ce"}, vq])))
+    summary = run_recipe(
+        parse_recipe(
+            graph_recipe(tmp_path, {"name": "kd", "temperature": 1.0}, baselines=[{"name": "ce"}, vq])
+        )
+    )
     teacher = summary["references"]["teacher"]
     assert teacher["accuracy"] > 0.7 and teacher["inference_ms_per_1k"] > 0
     assert summary["methods"]["kd"]["after"]["accuracy"] > 0.4
@@ -87,12 +95,27 @@ def test_born_again_trains_its_generations(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
-        ({"method": {"name": "fitnet", "pairs": [{"student": "layers.0", "teacher": "block1"}]}, "data": {"kind": "sbm"}}, "graph teacher gives logits only"),
+        (
+            {
+                "method": {"name": "fitnet", "pairs": [{"student": "layers.0", "teacher": "block1"}]},
+                "data": {"kind": "sbm"},
+            },
+            "graph teacher gives logits only",
+        ),
         ({"student": {"arch": "gcn"}}, "student.arch"),
-        ({"teacher": {"model": {"arch": "cnn"}, "ensemble": 2}, "method": {"name": "rkd", "pairs": [{"student": "layers.0", "teacher": "block1"}]}}, "teacher.ensemble"),
+        (
+            {
+                "teacher": {"model": {"arch": "cnn"}, "ensemble": 2},
+                "method": {"name": "rkd", "pairs": [{"student": "layers.0", "teacher": "block1"}]},
+            },
+            "teacher.ensemble",
+        ),
         ({"method": {"name": "kd"}, "teacher": None}, "needs a teacher section"),
         ({"method": {"name": "vqgraph", "student_layer": "layers.0"}}, "data.kind must be a graph"),
-        ({"method": {"name": "ce"}, "data": {"kind": "digits", "label_fraction": 0}}, "data.digits.label_fraction"),
+        (
+            {"method": {"name": "ce"}, "data": {"kind": "digits", "label_fraction": 0}},
+            "data.digits.label_fraction",
+        ),
     ],
 )
 def test_recipe_refusals(tmp_path: Path, change: dict, needle: str) -> None:

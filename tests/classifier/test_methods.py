@@ -58,7 +58,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("name", "arch", "cfg"), CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
-def test_feature_method_trains_through_hooks(tmp_path: Path, name: str, arch: str, cfg: dict[str, Any]) -> None:
+def test_feature_method_trains_through_hooks(
+    tmp_path: Path, name: str, arch: str, cfg: dict[str, Any]
+) -> None:
     method = make(name, arch, **cfg)
     extras = method.extras()
     before = {k: v.detach().clone() for k, v in method.student.state_dict().items()}
@@ -67,11 +69,15 @@ def test_feature_method_trains_through_hooks(tmp_path: Path, name: str, arch: st
     after = method.student.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "the student did not train"
     extra_after = [p for m in extras.values() for p in m.parameters()]
-    assert all(not torch.equal(a, b) for a, b in zip(extra_before, extra_after, strict=True)), "a projector did not train"
+    assert all(not torch.equal(a, b) for a, b in zip(extra_before, extra_after, strict=True)), (
+        "a projector did not train"
+    )
     method.export(tmp_path / "student")
     from safetensors.torch import load_file
 
-    assert set(load_file(str(tmp_path / "student" / "model.safetensors"))) == set(before)  # projectors stay out
+    assert set(load_file(str(tmp_path / "student" / "model.safetensors"))) == set(
+        before
+    )  # projectors stay out
 
 
 def test_hooks_do_not_change_outputs() -> None:
@@ -104,7 +110,14 @@ def test_resume_is_exact_with_augmentation_and_best_snapshots(tmp_path: Path) ->
     resumed = method()
     x, y = data()
     cfg = TrainConfig(steps=8, lr=0.01, max_grad_norm=None, checkpoint_every=4)
-    result = train(method=resumed, stream=TensorStream(x, y, torch.arange(len(y)), 16, 0), cfg=cfg, out_dir=killed, seed=0, resume=True)
+    result = train(
+        method=resumed,
+        stream=TensorStream(x, y, torch.arange(len(y)), 16, 0),
+        cfg=cfg,
+        out_dir=killed,
+        seed=0,
+        resume=True,
+    )
     assert result.resumed_from == 4
     for k, v in whole.student.state_dict().items():
         assert torch.equal(v, resumed.student.state_dict()[k]), k

@@ -11,7 +11,9 @@ from tests.conftest import tiny_llama, tiny_recipe
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -53,11 +55,15 @@ def test_validate_loads_no_model_library(tmp_path: Path, good: dict, tiny_teache
 
 def test_unknown_key(tmp_path: Path, good: dict) -> None:
     good["train"]["learning_rate"] = 1
-    assert_one_line_error(run_cli("validate", str(write(tmp_path, good))), "train.learning_rate", "unknown key")
+    assert_one_line_error(
+        run_cli("validate", str(write(tmp_path, good))), "train.learning_rate", "unknown key"
+    )
 
 
 def test_wrong_type(tmp_path: Path, good: dict) -> None:
-    assert_one_line_error(run_cli("validate", str(write(tmp_path, good)), "--set", "train.steps=lots"), "train.steps")
+    assert_one_line_error(
+        run_cli("validate", str(write(tmp_path, good)), "--set", "train.steps=lots"), "train.steps"
+    )
 
 
 def test_missing_recipe_file(tmp_path: Path) -> None:
@@ -131,7 +137,9 @@ def test_model_path_too_long_for_the_os(tmp_path: Path, good: dict) -> None:
 
 def test_package_path_of_a_missing_dotted_package(tmp_path: Path, good: dict) -> None:
     good["data"]["train"]["path"] = "pkg:no_such_pkg.sub/train.jsonl"
-    assert_one_line_error(run_cli("validate", str(write(tmp_path, good))), "pkg:no_such_pkg.sub", "not installed")
+    assert_one_line_error(
+        run_cli("validate", str(write(tmp_path, good))), "pkg:no_such_pkg.sub", "not installed"
+    )
 
 
 def test_override_past_the_end_of_a_list(tmp_path: Path, good: dict) -> None:
@@ -150,7 +158,10 @@ def test_output_dir_with_an_unknown_placeholder(tmp_path: Path, good: dict) -> N
 @pytest.mark.parametrize(
     ("setting", "needles"),
     [
-        ("student.prune.keep_layers=40", ("student.prune.keep_layers", "40 is more than the teacher's 30 layers")),
+        (
+            "student.prune.keep_layers=40",
+            ("student.prune.keep_layers", "40 is more than the teacher's 30 layers"),
+        ),
         ("cache.k=70000", ("cache.k", "70000 is above the teacher's vocabulary (49152 tokens)")),
     ],
 )
@@ -158,7 +169,9 @@ def test_quickstart_teacher_size_checked_at_validation(setting: str, needles: tu
     assert_one_line_error(run_cli("validate", "quickstart", "--set", setting), *needles)
 
 
-def test_prune_beyond_the_teacher_stops_before_generation(tmp_path: Path, good: dict, tiny_teacher_dir: Path) -> None:
+def test_prune_beyond_the_teacher_stops_before_generation(
+    tmp_path: Path, good: dict, tiny_teacher_dir: Path
+) -> None:
     good["teacher"]["model"]["path"] = str(tiny_teacher_dir)
     good["student"]["prune"] = {"layers": [0, 4]}  # the tiny teacher has layers 0-3
     assert_one_line_error(run_cli("run", str(write(tmp_path, good))), "student.prune.layers", "[4]")

@@ -36,11 +36,15 @@ QAD_HIDDEN = {
 def test_cut_back_and_resumed_equals_uninterrupted(
     tmp_path: Path, tiny_teacher_dir: Path, prompts_file: Path, method: dict, student: dict
 ) -> None:
-    rec = tiny_recipe(tiny_teacher_dir, prompts_file, tmp_path / "run", method=method, baselines=[], student=student)
+    rec = tiny_recipe(
+        tiny_teacher_dir, prompts_file, tmp_path / "run", method=method, baselines=[], student=student
+    )
     rec["train"] = {**rec["train"], "steps": 4, "checkpoint_every": 2}
     path = write(tmp_path, rec)
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # as the kill-and-resume test: separate processes
-    subprocess.run([sys.executable, "-m", "distill.cli", "run", str(path)], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "distill.cli", "run", str(path)], check=True, env=env, capture_output=True
+    )
     folder = tmp_path / "run" / "methods" / method["name"]
     straight = load_file(folder / "student" / "model.safetensors")
     assert [c.name for c in (folder / "checkpoints").glob("step-*")] == ["step-00000002"]

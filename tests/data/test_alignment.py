@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from distill.data.alignment import Chunk, align, cuts, token_spans
@@ -191,6 +191,8 @@ def test_pair_example_keeps_whole_chunks(tokenizers: dict[str, PreTrainedTokeniz
     assert cut.chunks == full.chunks[: len(cut.chunks)]
     assert cut.num_loss_tokens <= 5 + longest - cut.prompt_len
     assert cut.teacher.num_loss_tokens <= 5 + longest - cut.teacher.prompt_len
-    assert a.decode(cut.input_ids[cut.prompt_len :]) == b.decode(cut.teacher.input_ids[cut.teacher.prompt_len :])
+    assert a.decode(cut.input_ids[cut.prompt_len :]) == b.decode(
+        cut.teacher.input_ids[cut.teacher.prompt_len :]
+    )
     assert 0 < cut.answer_bytes < full.answer_bytes
     assert pair_example(a, b, ex, longest, None) is None  # no room for any answer

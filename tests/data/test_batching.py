@@ -8,7 +8,10 @@ from tests.conftest import tiny_llama
 
 def examples(lengths: list[int], prompt: int = 3) -> list[TokenizedExample]:
     g = torch.Generator().manual_seed(0)
-    return [TokenizedExample(torch.randint(3, 100, (n,), generator=g).tolist(), prompt_len=prompt) for n in lengths]
+    return [
+        TokenizedExample(torch.randint(3, 100, (n,), generator=g).tolist(), prompt_len=prompt)
+        for n in lengths
+    ]
 
 
 def test_targets_are_shifted_answer_tokens() -> None:

@@ -11,7 +11,10 @@ from distill.io import write_jsonl_atomic
 def test_generated_rows_round_trip_with_the_finished_flag(tmp_path: Path) -> None:
     path = tmp_path / "gen.jsonl"
     rows = [
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "finished": False},
+        {
+            "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+            "finished": False,
+        },
         {"prompt": "Q", "completion": "A"},
     ]
     write_jsonl_atomic(path, rows)

@@ -18,6 +18,7 @@ from distill.embed.rerank_scorers import export_cross_encoder
 from distill.engine.trainer import train
 from distill.errors import InputError
 from distill.families.embed import EmbedFamily
+from distill.methods.base import Phase, StepContext
 from distill.methods.embed.margin_mse import RerankKD
 from distill.paths import resolve_path
 from distill.pipeline import run_recipe
@@ -75,7 +76,12 @@ def test_cross_and_bi_students_train_evaluate_and_export(tmp_path: Path, tiny_te
             assert -1 <= entry[key] <= 1
         assert 0 <= entry["recall_at_3"] <= 1 and 0 < entry["mrr_at_10"] <= 1
         assert entry["pairs_per_s"] > 0 and entry["teacher_pairs_per_s"] > 0
-    assert [c["key"] for c in summary["columns"]][:4] == ["spearman", "recall_at_3", "ndcg_at_10", "mrr_at_10"]
+    assert [c["key"] for c in summary["columns"]][:4] == [
+        "spearman",
+        "recall_at_3",
+        "ndcg_at_10",
+        "mrr_at_10",
+    ]
     st = pytest.importorskip("sentence_transformers")
     out = tmp_path / "out" / "methods"
     bi = st.SentenceTransformer(str(out / "bi" / "student"), device="cpu")
@@ -107,7 +113,9 @@ def test_cross_encoder_export_scores_as_we_do(tmp_path: Path, tiny_teacher: Path
     from transformers import AutoModelForSequenceClassification
 
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ce").eval()
-    enc = family.tokenizer(queries[:2], passages[:2], padding=True, return_tensors="pt")
+    enc = family.tokenizer(
+        queries[:2], passages[:2], padding=True, truncation=True, max_length=32, return_tensors="pt"
+    )
     with torch.no_grad():
         torch.testing.assert_close(hf(**enc).logits.flatten(), ours[:2], atol=1e-5, rtol=0)
 
@@ -126,7 +134,6 @@ def test_stream_candidates_are_positive_first_mined_and_resumable(tmp_path: Path
         )  # fmt: skip
 
     a = stream("cross")
-    seen = []
     for _ in range(5):  # past one epoch of 3 batches
         b = a.next_batch()
         q, cand = b.query.tolist(), b.candidates
@@ -135,8 +142,6 @@ def test_stream_candidates_are_positive_first_mined_and_resumable(tmp_path: Path
         for i, row in enumerate(cand.tolist()):
             assert set(row[1:3]) <= set(hard[q[i]].tolist())
             assert row[3] == int(task.train.positive[q[(i + 1) % 4]])
-        seen.append(cand)
-    assert not torch.equal(seen[0], seen[3]) or True  # a new epoch reshuffles (ids may repeat by chance)
     b_stream = stream("cross")
     b_stream.load_state_dict({"epoch": 1, "index": 0})
     c = stream("cross")
@@ -149,23 +154,30 @@ def test_stream_candidates_are_positive_first_mined_and_resumable(tmp_path: Path
     assert p.shape == (4, 4) and bi.tokens["p_ids"].shape[0] == int(p.max()) + 1
 
 
-def test_training_pulls_the_cross_student_towards_the_teacher_margins(tmp_path: Path, tiny_teacher: Path) -> None:
+def test_the_loss_fits_the_teacher_margins_of_a_batch(tmp_path: Path, tiny_teacher: Path) -> None:
+    """The cross student (one block of the random tiny teacher + a head) starts near-blind to the
+    candidates (the teacher's margins are ~0.01); 30 Adam steps on one batch's loss fit them 5x closer."""
     family, r = prepared(tmp_path, tiny_teacher, CROSS)
     method = family.make_method(r.method, 0)
     assert isinstance(method, RerankKD)
-    probe = family.make_stream(method, 0).next_batch()
-    method.prepare(probe, None)  # type: ignore[arg-type]
+    probe = method.prepare(family.make_stream(method, 0).next_batch(), Phase())
+    modules = method.modules()
 
-    def probe_loss() -> float:
+    def margin_error() -> float:
         with torch.no_grad():
-            s, t = method.scores(method.modules(), probe), probe.teacher
+            s, t = method.scores(modules, probe), probe.teacher
             assert t is not None
             return float((((s[:, :1] - s[:, 1:]) - (t[:, :1] - t[:, 1:])) ** 2).mean())
 
-    before = probe_loss()
-    cfg = TrainConfig(steps=25, lr=3e-3, max_grad_norm=None)
-    train(method=method, stream=family.make_stream(method, 0), cfg=cfg, out_dir=tmp_path / "t", seed=0)
-    assert probe_loss() < 0.5 * before
+    before = margin_error()
+    opt = torch.optim.Adam([p for m in modules.values() for p in m.parameters()], lr=1e-3)
+    for step in range(30):
+        loss, logs = method.loss(StepContext(modules, 4.0, Phase(), step, torch.device("cpu")), probe)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert set(logs) == {"margin_mse", "positive_top1"}
+    assert margin_error() < 0.2 * before
 
 
 def test_killed_run_resumes_to_the_same_cross_student(tmp_path: Path, tiny_teacher: Path) -> None:
@@ -174,9 +186,15 @@ def test_killed_run_resumes_to_the_same_cross_student(tmp_path: Path, tiny_teach
 
     def run(out: Path, resume: bool) -> dict[str, torch.Tensor]:
         method = family.make_method(r.method, 0)
-        train(method=method, stream=family.make_stream(method, 0), cfg=cfg, out_dir=out, seed=0, resume=resume)
+        train(
+            method=method, stream=family.make_stream(method, 0), cfg=cfg, out_dir=out, seed=0, resume=resume
+        )
         mods = method.modules()
-        return {f"{n}.{k}": v.detach().clone() for n in ("student", "head") for k, v in mods[n].state_dict().items()}
+        return {
+            f"{n}.{k}": v.detach().clone()
+            for n in ("student", "head")
+            for k, v in mods[n].state_dict().items()
+        }
 
     whole = run(tmp_path / "a", False)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
@@ -192,8 +210,8 @@ def test_killed_run_resumes_to_the_same_cross_student(tmp_path: Path, tiny_teach
     [
         ({"method": {"name": "rerank_kd", "student_kind": "tri"}}, "student_kind"),
         ({"method": {"name": "rerank_kd", "negatives": 0, "in_batch_negatives": 0}}, "at least 2 candidates"),
-        ({"method": {"name": "rerank_kd", "in_batch_negatives": 4}}, "method.in_batch_negatives"),
-        ({"method": {"name": "rerank_kd", "negatives": 5, "mine_depth": 3}}, "method.negatives"),
+        ({"method": {"name": "rerank_kd", "in_batch_negatives": 4}}, "method: in_batch_negatives"),
+        ({"method": {"name": "rerank_kd", "negatives": 5, "mine_depth": 3}}, "method: negatives"),
         ({"method": {"name": "rerank_kd", "margin_mse": 0.0}}, "every loss weight is 0"),
         ({"baselines": [{"name": "embed_kd"}]}, "cannot share a run with embed_kd"),
     ],
@@ -219,7 +237,9 @@ def test_data_errors_name_the_field(tmp_path: Path, tiny_teacher: Path) -> None:
         prepared_bad["data"]["heldout"] = str(train_file)
         EmbedFamily().prepare(parse_recipe(prepared_bad), Accelerator(cpu=True), NullProgress())
     one = tmp_path / "one.jsonl"
-    one.write_text(json.dumps({"query": "a", "passage": "p"}) + "\n" + json.dumps({"query": "b", "passage": "p"}))
+    one.write_text(
+        json.dumps({"query": "a", "passage": "p"}) + "\n" + json.dumps({"query": "b", "passage": "p"})
+    )
     with pytest.raises(InputError, match="data.train: .* 1 distinct passage"):
         read_pairs(one, "data.train")
     with pytest.raises(InputError, match="data.heldout: .*JSON lines"):

@@ -21,7 +21,10 @@ V = 64
 def _examples() -> list[TokenizedExample]:
     g = torch.Generator().manual_seed(1)
     lengths = [12, 5, 9, 17, 7, 11]
-    return [TokenizedExample(torch.randint(0, V, (n,), generator=g).tolist(), prompt_len=1 + n // 3) for n in lengths]
+    return [
+        TokenizedExample(torch.randint(0, V, (n,), generator=g).tolist(), prompt_len=1 + n // 3)
+        for n in lengths
+    ]
 
 
 def lm_ctx(student, teacher, chunk_size: int = 5) -> LMContext:  # type: ignore[no-untyped-def]

@@ -23,13 +23,20 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
 
 
-def _recipe(tmp_path: Path, teacher: Path, train: Path, name: str, batch_size: int, **train_extra: object) -> Path:
+def _recipe(
+    tmp_path: Path, teacher: Path, train: Path, name: str, batch_size: int, **train_extra: object
+) -> Path:
     rec = {
         "name": name,
         "output_dir": str(tmp_path / name),
         "teacher": {"kind": "live", "model": {"path": str(teacher), "dtype": "float64"}},
         "student": {"init": "prune", "prune": {"keep_layers": 2}},
-        "data": {"train": {"path": str(train)}, "eval": {"path": str(train), "limit": 4}, "max_length": 64, "batch_size": batch_size},
+        "data": {
+            "train": {"path": str(train)},
+            "eval": {"path": str(train), "limit": 4},
+            "max_length": 64,
+            "batch_size": batch_size,
+        },
         "method": {"name": "logit_kd", "divergence": "jsd", "ce_weight": 0.2},
         "train": {"steps": STEPS, "lr": 1e-3, "warmup_steps": 2, "threads": 1, **train_extra},
         "eval": {"batch_size": 4},
@@ -40,7 +47,17 @@ def _recipe(tmp_path: Path, teacher: Path, train: Path, name: str, batch_size: i
 
 
 def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "distill.cli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "distill.cli",
+        *args,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -61,7 +78,10 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ddp") / "train.jsonl"
-    rows = [{"prompt": f"Count to {i}.", "completion": " ".join(str(j) for j in range(i % 7 + 2))} for i in range(26)]
+    rows = [
+        {"prompt": f"Count to {i}.", "completion": " ".join(str(j) for j in range(i % 7 + 2))}
+        for i in range(26)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -94,7 +114,13 @@ def test_shards_are_disjoint_and_cover_every_example_once_per_epoch() -> None:
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path: Path, tiny_teacher_dir: Path, data: Path) -> None:
     one = _recipe(tmp_path, tiny_teacher_dir, data, "one", batch_size=4)
-    subprocess.run([sys.executable, "-m", "distill.cli", "run", str(one)], check=True, env=_env(), capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "distill.cli", "run", str(one)],
+        check=True,
+        env=_env(),
+        capture_output=True,
+        cwd=ROOT,
+    )
     two = _recipe(tmp_path, tiny_teacher_dir, data, "two", batch_size=2)
     done = subprocess.run(_torchrun("run", str(two)), env=_env(), capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -102,7 +128,10 @@ def test_two_processes_equal_one(tmp_path: Path, tiny_teacher_dir: Path, data: P
     _assert_close(_weights(tmp_path / "two"), _weights(tmp_path / "one"))
     rows = (tmp_path / "two" / "methods" / "logit_kd" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == list(range(1, STEPS + 1))  # one writer
-    one_rows = [json.loads(r) for r in (tmp_path / "one" / "methods" / "logit_kd" / "metrics.jsonl").read_text().splitlines()]
+    one_rows = [
+        json.loads(r)
+        for r in (tmp_path / "one" / "methods" / "logit_kd" / "metrics.jsonl").read_text().splitlines()
+    ]
     for a, b in zip(one_rows, (json.loads(r) for r in rows), strict=True):
         assert a["loss_units"] == b["loss_units"]  # global token count, not doubled
         assert abs(a["loss"] - b["loss"]) < 1e-9
@@ -115,12 +144,20 @@ def test_two_processes_equal_one(tmp_path: Path, tiny_teacher_dir: Path, data: P
 @pytest.mark.slow
 def test_two_processes_sigkill_then_resume(tmp_path: Path, tiny_teacher_dir: Path, data: Path) -> None:
     one = _recipe(tmp_path, tiny_teacher_dir, data, "one", batch_size=4)
-    subprocess.run([sys.executable, "-m", "distill.cli", "run", str(one)], check=True, env=_env(), capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "distill.cli", "run", str(one)],
+        check=True,
+        env=_env(),
+        capture_output=True,
+        cwd=ROOT,
+    )
     two = _recipe(tmp_path, tiny_teacher_dir, data, "two", batch_size=2, checkpoint_every=2)
     ckpts = tmp_path / "two" / "methods" / "logit_kd" / "checkpoints"
     kill_after_first_checkpoint(_torchrun("run", str(two)), ckpts, env=_env(), cwd=ROOT)
     assert not (tmp_path / "two" / "methods" / "logit_kd" / "student").exists(), "finished before the kill"
-    done = subprocess.run(_torchrun("run", str(two), "--resume"), env=_env(), capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        _torchrun("run", str(two), "--resume"), env=_env(), capture_output=True, text=True, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "eval.json").read_text())
     assert 2 <= summary["methods"]["logit_kd"]["resumed_from"] < STEPS

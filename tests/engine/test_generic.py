@@ -61,7 +61,9 @@ def test_two_phase_method_sigkill_resume_is_bit_identical(tmp_path: Path) -> Non
         assert torch.equal(resumed[key], straight[key]), key
     rows_b = [json.loads(r) for r in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["critic/loss"] for r in rows_b] == [r["critic/loss"] for r in rows]
-    state = torch.load(sorted((killed / "checkpoints").glob("step-*"))[-1] / "trainer_state.pt", weights_only=True)
+    state = torch.load(
+        sorted((killed / "checkpoints").glob("step-*"))[-1] / "trainer_state.pt", weights_only=True
+    )
     step = state["step"]
     assert state["optimizers"]["critic"]["state"][0]["step"] == 3 * step
     assert state["optimizers"]["generator"]["state"][0]["step"] == step

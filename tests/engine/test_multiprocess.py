@@ -20,7 +20,11 @@ GROUPS = {0: [[0, 1], [2]], 1: [[3, 4, 5]]}  # uneven token counts per process o
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
     )
     from accelerate import Accelerator
 

@@ -10,7 +10,10 @@ from distill.recipe import TrainConfig
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(7, 5, generator=g)), torch.nn.Parameter(torch.randn(3, generator=g))]
+    return [
+        torch.nn.Parameter(torch.randn(7, 5, generator=g)),
+        torch.nn.Parameter(torch.randn(3, generator=g)),
+    ]
 
 
 def test_fused_on_cpu_and_same_update_as_per_tensor() -> None:
@@ -31,6 +34,10 @@ def test_fused_on_cpu_and_same_update_as_per_tensor() -> None:
 
 
 def test_group_settings_override_train_defaults() -> None:
-    cfg = TrainConfig.model_validate({"lr": 1e-3, "optimizers": {"critic": {"lr": 5e-4, "max_grad_norm": 3.0}}})
-    assert group_settings(cfg, "critic")["lr"] == 5e-4 and group_settings(cfg, "critic")["max_grad_norm"] == 3.0
+    cfg = TrainConfig.model_validate(
+        {"lr": 1e-3, "optimizers": {"critic": {"lr": 5e-4, "max_grad_norm": 3.0}}}
+    )
+    assert (
+        group_settings(cfg, "critic")["lr"] == 5e-4 and group_settings(cfg, "critic")["max_grad_norm"] == 3.0
+    )
     assert group_settings(cfg, "main")["lr"] == 1e-3 and group_settings(cfg, "main")["max_grad_norm"] == 1.0

@@ -30,7 +30,9 @@ class ImageBatch:
         return {"samples": float(self.y.shape[0])}
 
 
-def toy_images(n: int = 96, seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def toy_images(
+    n: int = 96, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class c lights up quadrant c of an 8x8 image, plus noise."""
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % CLASSES
@@ -107,7 +109,10 @@ class ClassifierKD(Method):
             soft = F.log_softmax(self.teacher(batch.x) / self.t, -1)
         kd = F.kl_div(F.log_softmax(logits / self.t, -1), soft, log_target=True, reduction="sum") * self.t**2
         ce = F.cross_entropy(logits, batch.y, reduction="sum")
-        return (kd + ce) / ctx.normalizer, {"kd": float(kd.detach()) / ctx.normalizer, "ce": float(ce.detach()) / ctx.normalizer}
+        return (kd + ce) / ctx.normalizer, {
+            "kd": float(kd.detach()) / ctx.normalizer,
+            "ce": float(ce.detach()) / ctx.normalizer,
+        }
 
 
 class EMAClassifierKD(ClassifierKD):
@@ -153,8 +158,12 @@ class TwoPhaseAdversarial(Method):
 
     def __init__(self, critic_updates: int = 3, seed: int = 0, dtype: torch.dtype = torch.float64) -> None:
         torch.manual_seed(seed)
-        self.generator = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 64)).to(dtype)
-        self.critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(dtype)
+        self.generator = torch.nn.Sequential(
+            torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 64)
+        ).to(dtype)
+        self.critic = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+        ).to(dtype)
         self.k = critic_updates
 
     def modules(self) -> dict[str, torch.nn.Module]:

@@ -1,6 +1,6 @@
 """Train a toy method through the real engine in a process of its own, so tests can SIGKILL it.
 
-    python -m tests.engine.toy_run METHOD OUT_DIR STEPS CHECKPOINT_EVERY [--resume]
+python -m tests.engine.toy_run METHOD OUT_DIR STEPS CHECKPOINT_EVERY [--resume]
 """
 
 from __future__ import annotations
@@ -35,8 +35,14 @@ def run(name: str, out: Path, steps: int, every: int, resume: bool) -> dict[str,
     method = build(name)
     x, y = toy_images()
     cfg = TrainConfig(steps=steps, lr=1e-2, checkpoint_every=every, warmup_steps=2)
-    result = train(method=method, stream=ImageStream(x, y, 8, seed=0), cfg=cfg, out_dir=out, seed=0, resume=resume)
-    weights = {f"{m}.{k}": v.detach().clone().contiguous() for m, mod in method.modules().items() for k, v in mod.state_dict().items()}
+    result = train(
+        method=method, stream=ImageStream(x, y, 8, seed=0), cfg=cfg, out_dir=out, seed=0, resume=resume
+    )
+    weights = {
+        f"{m}.{k}": v.detach().clone().contiguous()
+        for m, mod in method.modules().items()
+        for k, v in mod.state_dict().items()
+    }
     for key, value in method.state_dict().get("ema", {}).items():
         weights[f"ema.{key}"] = value.contiguous()
     save_file(weights, str(out / "final.safetensors"))

@@ -37,7 +37,10 @@ def test_teacher_with_minus_inf_logits_gives_finite_eval() -> None:
     student = tiny_llama(vocab=V, layers=1, seed=1).eval()
     teacher = MaskedTeacher(tiny_llama(vocab=V, layers=2, seed=2), V, prefix_cache=False)
     g = torch.Generator().manual_seed(0)
-    examples = [TokenizedExample(torch.randint(0, V // 2, (n,), generator=g).tolist(), prompt_len=2) for n in (9, 6, 12)]
+    examples = [
+        TokenizedExample(torch.randint(0, V // 2, (n,), generator=g).tolist(), prompt_len=2)
+        for n in (9, 6, 12)
+    ]
     out = evaluate(student, teacher, examples, vocab_size=V, pad_id=0, batch_size=2, chunk_size=4)
     for key in ("kl", "reverse_kl", "top1_agreement", "student_nll"):
         assert math.isfinite(out[key]), key

@@ -280,7 +280,12 @@ def test_family_declared_columns_replace_the_lm_table(tmp_path: Path) -> None:
     from distill.eval.report_text import summary_lines
 
     def entry(acc: float) -> dict:
-        return {"method": {"name": "kd"}, "after": {"accuracy": acc, "ce": 0.5}, "steps": 3, "train_seconds": 1.0}
+        return {
+            "method": {"name": "kd"},
+            "after": {"accuracy": acc, "ce": 0.5},
+            "steps": 3,
+            "train_seconds": 1.0,
+        }
 
     summary = {
         "name": "toy",

@@ -71,7 +71,11 @@ def test_fresh_teacher_chunks_may_be_overwritten(name: str, ce_weight: float) ->
     """With teacher_logits_fresh the loss overwrites each chunk it is given: same results as the reference."""
     prob = _problem(3)
     teacher = prob["teacher"]
-    kwargs: dict[str, Any] = {"spec": DivergenceSpec(name, temperature=1.3), "ce_weight": ce_weight, "normalizer": 4.0}
+    kwargs: dict[str, Any] = {
+        "spec": DivergenceSpec(name, temperature=1.3),
+        "ce_weight": ce_weight,
+        "normalizer": 4.0,
+    }
     chunked = _run(
         chunked_head_loss,
         prob,
@@ -121,7 +125,9 @@ def test_row_blocked_cross_entropy(dtype: torch.dtype, monkeypatch: pytest.Monke
     prob = _problem(5, dtype=dtype)
     kwargs: dict[str, Any] = {"teacher_logits": None, "kd_weight": 0.0, "ce_weight": 1.0, "normalizer": 9.0}
     chunked = _run(chunked_head_loss, prob, chunk_size=8, **kwargs)
-    _assert_same(chunked, _run(reference_head_loss, prob, **kwargs), tol=1e-9 if dtype == torch.float64 else 1e-5)
+    _assert_same(
+        chunked, _run(reference_head_loss, prob, **kwargs), tol=1e-9 if dtype == torch.float64 else 1e-5
+    )
 
 
 @pytest.mark.parametrize(

@@ -53,9 +53,13 @@ def test_margin_mse_golden(n: int) -> None:
 
 def test_margin_mse_triples_are_one_negative() -> None:
     sp, sn, tp, tn = (_randn(6, seed=s) for s in range(4))
-    want = [((a - b) - (c - d)) ** 2 for a, b, c, d in zip(*(x.tolist() for x in (sp, sn, tp, tn)), strict=True)]
+    want = [
+        ((a - b) - (c - d)) ** 2 for a, b, c, d in zip(*(x.tolist() for x in (sp, sn, tp, tn)), strict=True)
+    ]
     _close(margin_mse_loss(sp, sn, tp, tn), want)
-    torch.testing.assert_close(margin_mse_loss(sp, sn, tp, tn), margin_mse_loss(sp, sn[:, None], tp, tn[:, None]))
+    torch.testing.assert_close(
+        margin_mse_loss(sp, sn, tp, tn), margin_mse_loss(sp, sn[:, None], tp, tn[:, None])
+    )
 
 
 @pytest.mark.parametrize("tau", [0.05, 1.0, 3.0])

@@ -20,7 +20,9 @@ def _topk(teacher_logits: torch.Tensor, k: int, tc: float, tail: str) -> SparseT
 
 def _logits(n: int = 6, v: int = 11, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, v, generator=g, dtype=torch.float64) * 2, torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+    return torch.randn(n, v, generator=g, dtype=torch.float64) * 2, torch.randn(
+        n, v, generator=g, dtype=torch.float64
+    ) * 2
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
@@ -35,7 +37,9 @@ def test_k_equal_vocab_is_dense(name: str, tail: str, t: float, tc: float) -> No
     torch.testing.assert_close(sparse_g, dense_g, atol=1e-9, rtol=0)
 
 
-def _naive_categories(s: torch.Tensor, top: SparseTopK, t: float, tail: str) -> tuple[list[list[float]], list[list[float]]]:
+def _naive_categories(
+    s: torch.Tensor, top: SparseTopK, t: float, tail: str
+) -> tuple[list[list[float]], list[list[float]]]:
     """Teacher and student distributions over the kept categories, built with explicit loops."""
     ps, qs = [], []
     for r in range(s.shape[0]):
@@ -61,8 +65,14 @@ def test_forward_and_reverse_kl_against_naive_float64(tail: str, t: float) -> No
     s, te = _logits(n=5, v=13, seed=3)
     top = _topk(te, 4, 1.0, tail)
     ps, qs = _naive_categories(s, top, t, tail)
-    fwd = [t * t * sum(p * math.log(p / q) for p, q in zip(pr, qr, strict=True)) for pr, qr in zip(ps, qs, strict=True)]
-    rev = [t * t * sum(q * math.log(q / p) for p, q in zip(pr, qr, strict=True)) for pr, qr in zip(ps, qs, strict=True)]
+    fwd = [
+        t * t * sum(p * math.log(p / q) for p, q in zip(pr, qr, strict=True))
+        for pr, qr in zip(ps, qs, strict=True)
+    ]
+    rev = [
+        t * t * sum(q * math.log(q / p) for p, q in zip(pr, qr, strict=True))
+        for pr, qr in zip(ps, qs, strict=True)
+    ]
     v_f, _ = sparse_value_and_grad(s, top, DivergenceSpec("forward_kl", temperature=t))
     v_r, _ = sparse_value_and_grad(s, top, DivergenceSpec("reverse_kl", temperature=t))
     torch.testing.assert_close(v_f, torch.tensor(fwd, dtype=torch.float64), atol=1e-6, rtol=0)
@@ -125,7 +135,9 @@ def test_fused_head_sparse_chunked_equals_unchunked(chunk: int) -> None:
     name=st.sampled_from(["forward_kl", "reverse_kl", "jsd", "tvd"]),
     tail=st.sampled_from(["bucket", "renormalize"]),
 )
-def test_sparse_divergences_are_nonnegative_and_zero_at_the_teacher(seed: int, k: int, name: str, tail: str) -> None:
+def test_sparse_divergences_are_nonnegative_and_zero_at_the_teacher(
+    seed: int, k: int, name: str, tail: str
+) -> None:
     s, te = _logits(n=3, v=9, seed=seed)
     top = _topk(te, k, 1.0, tail)
     spec = DivergenceSpec(name=name)

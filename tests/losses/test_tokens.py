@@ -200,7 +200,9 @@ def test_inputs_are_not_modified() -> None:
 
 @pytest.mark.parametrize("spec", SPECS, ids=_id)
 @pytest.mark.parametrize("reuse", [(True, False), (False, True), (True, True)], ids=["s", "t", "st"])
-def test_handing_over_storage_changes_nothing_but_the_inputs(spec: DivergenceSpec, reuse: tuple[bool, bool]) -> None:
+def test_handing_over_storage_changes_nothing_but_the_inputs(
+    spec: DivergenceSpec, reuse: tuple[bool, bool]
+) -> None:
     """reuse_student/reuse_teacher compute in the given buffers: same values and gradient as copies."""
     z, y = _pair(8)
     y[1, 3] = -INF

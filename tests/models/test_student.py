@@ -21,7 +21,9 @@ def test_prune_copies_the_kept_layers_and_ends() -> None:
     student, keep = prune_depth(teacher, PruneConfig(layers=[5, 0, 3]))
     assert keep == [0, 3, 5] and student.config.num_hidden_layers == 3
     for j, i in enumerate(keep):
-        assert torch.equal(student.model.layers[j].self_attn.q_proj.weight, teacher.model.layers[i].self_attn.q_proj.weight)
+        assert torch.equal(
+            student.model.layers[j].self_attn.q_proj.weight, teacher.model.layers[i].self_attn.q_proj.weight
+        )
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
     assert torch.equal(student.model.norm.weight, teacher.model.norm.weight)
     # the copy is independent of the teacher

@@ -26,8 +26,12 @@ def test_padded_teacher_head_is_sliced(smol_tokenizer_dir: Path) -> None:
     vocab = shared_vocab(tok, teacher, student, tok)
     assert vocab == len(tok) == 49152
     batch = collate([TokenizedExample(list(range(100, 120)), prompt_len=5)], [[0]], pad_id=0, packing=False)
-    method = LogitKD(LogitKDConfig(), LMContext(student, LiveTeacherSource(teacher, vocab), vocab, chunk_size=4))
-    ctx = StepContext(modules=method.modules(), normalizer=15.0, phase=Phase(), step=0, device=torch.device("cpu"))
+    method = LogitKD(
+        LogitKDConfig(), LMContext(student, LiveTeacherSource(teacher, vocab), vocab, chunk_size=4)
+    )
+    ctx = StepContext(
+        modules=method.modules(), normalizer=15.0, phase=Phase(), step=0, device=torch.device("cpu")
+    )
     loss, parts = method.loss(ctx, batch)
     assert torch.isfinite(loss) and parts["kd"] > 0
     loss.backward()

@@ -112,7 +112,9 @@ def test_capacity_bounds_the_entries() -> None:
     cache = PrefixCache(model, min_tokens=4, capacity=2)
     with torch.no_grad():
         for first in (60, 61, 62):  # three different shared prefixes
-            examples = [TokenizedExample([first, *HEADER, 20 + i, 30], prompt_len=len(HEADER) + 1) for i in range(2)]
+            examples = [
+                TokenizedExample([first, *HEADER, 20 + i, 30], prompt_len=len(HEADER) + 1) for i in range(2)
+            ]
             cache.hidden(collate(examples, [[0], [1]], 0, packing=False, pad_to_multiple=1))
     assert len(cache.entries) == 2
 

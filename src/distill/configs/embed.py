@@ -77,7 +77,9 @@ class RerankKDConfig(MethodConfigBase):
                 "set negatives or in_batch_negatives >= 1"
             )
         if self.negatives > self.mine_depth:
-            raise ValueError(f"negatives: {self.negatives} drawn from the teacher's top {self.mine_depth} (mine_depth)")
+            raise ValueError(
+                f"negatives: {self.negatives} drawn from the teacher's top {self.mine_depth} (mine_depth)"
+            )
         batch = getattr(getattr(recipe, "data", None), "batch_size", None)
         if batch is not None and self.in_batch_negatives > batch - 1:
             raise ValueError(

@@ -35,7 +35,9 @@ def read_pairs(path: Path, name: str) -> Pairs:
     """JSON lines with non-empty "query" and "passage" strings; errors name the field, file and line."""
     if path.suffix not in (".jsonl", ".json"):
         raise InputError(f'{name}: {path}: reranking pairs are JSON lines of {{"query", "passage"}}')
-    queries, ids, passages = [], {}, []
+    queries: list[str] = []
+    passages: list[int] = []
+    ids: dict[str, int] = {}
     try:
         for where, row in read_jsonl(path):
             for key in FIELDS:
@@ -79,7 +81,9 @@ def mine_hard_negatives(scores: torch.Tensor, positive: torch.Tensor, depth: int
 class RerankBatch:
     query: torch.Tensor  # (B,) query rows
     candidates: torch.Tensor  # (B, C) passage ids; column 0 the positive
-    tokens: dict[str, torch.Tensor]  # bi: q_ids, q_mask, p_ids, p_mask, p_index (B, C); cross: ids, mask, types
+    tokens: dict[
+        str, torch.Tensor
+    ]  # bi: q_ids, q_mask, p_ids, p_mask, p_index (B, C); cross: ids, mask, types
     teacher: torch.Tensor | None = None  # (B, C) the teacher's scores, filled in the method's preparation
     padded: dict[str, float] = field(default_factory=dict)
 
@@ -95,7 +99,7 @@ class RerankBatch:
 def tokenise_pairs(
     tokenizer: PreTrainedTokenizerBase, queries: list[str], passages: list[str], max_length: int
 ) -> dict[str, torch.Tensor]:
-    """"[CLS] query [SEP] passage [SEP]" rows (ids, mask, token types), longest-first truncation to
+    """ "[CLS] query [SEP] passage [SEP]" rows (ids, mask, token types), longest-first truncation to
     `max_length` as sentence-transformers' CrossEncoder does."""
     enc = tokenizer(
         queries, passages, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
@@ -114,7 +118,12 @@ def tokenise_bi(
     """Queries and passages encoded separately (each padded to its own longest row)."""
     q = tokenizer(queries, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     p = tokenizer(passages, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {"q_ids": q["input_ids"], "q_mask": q["attention_mask"], "p_ids": p["input_ids"], "p_mask": p["attention_mask"]}
+    return {
+        "q_ids": q["input_ids"],
+        "q_mask": q["attention_mask"],
+        "p_ids": p["input_ids"],
+        "p_mask": p["attention_mask"],
+    }
 
 
 class RerankStream:
@@ -160,7 +169,9 @@ class RerankStream:
         if self.kind == "cross":
             b, c = cand.shape
             passages = [self.pairs.passages[p] for p in cand.flatten().tolist()]
-            tokens = tokenise_pairs(self.tokenizer, [t for t in texts for _ in range(c)], passages, self.max_length)
+            tokens = tokenise_pairs(
+                self.tokenizer, [t for t in texts for _ in range(c)], passages, self.max_length
+            )
             masks = [tokens["mask"]]
         else:
             unique, index = torch.unique(cand, return_inverse=True)

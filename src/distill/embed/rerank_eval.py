@@ -18,7 +18,7 @@ from scipy.stats import rankdata
 from distill.embed.rerank_scorers import PairScorer
 
 CUTOFF = 10  # of NDCG@10 and MRR@10
-THROUGHPUT_PAIRS = 512  # the first held-out pairs, timed for every scorer in every round
+THROUGHPUT_PAIRS = 256  # the first held-out pairs, timed for every scorer in every round
 
 
 def make_pools(teacher: torch.Tensor, positive: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +38,10 @@ def per_query_spearman(student: torch.Tensor, teacher: torch.Tensor) -> float:
     row counts 0): the order a reranker produces, whatever each query's score offset."""
     rs = rankdata(student.double().numpy(), axis=1)
     rt = rankdata(teacher.double().numpy(), axis=1)
-    rs, rt = torch.from_numpy(rs - rs.mean(1, keepdims=True)), torch.from_numpy(rt - rt.mean(1, keepdims=True))
+    rs, rt = (
+        torch.from_numpy(rs - rs.mean(1, keepdims=True)),
+        torch.from_numpy(rt - rt.mean(1, keepdims=True)),
+    )
     denom = (rs.norm(dim=1) * rt.norm(dim=1)).clamp_min(1e-12)
     rho = (rs * rt).sum(1) / denom
     return float(rho.mean())
@@ -85,7 +88,9 @@ def mrr_of_positive(scores: torch.Tensor, column: torch.Tensor, cutoff: int = CU
     return float(rr.mean())
 
 
-def pool_metrics(student: torch.Tensor, teacher: torch.Tensor, column: torch.Tensor, k: int) -> dict[str, float]:
+def pool_metrics(
+    student: torch.Tensor, teacher: torch.Tensor, column: torch.Tensor, k: int
+) -> dict[str, float]:
     """Every held-out number of one scorer's ``(Q, S)`` pool scores against the teacher's and the label."""
     return {
         "spearman": per_query_spearman(student, teacher),

@@ -55,10 +55,24 @@ def score_head(width: int, seed: int, std: float = 0.02) -> nn.Linear:
     return head
 
 
-def bi_scores(encoder: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+class BiBody(nn.Module):
+    """The student encoder embedding a batch's queries and its distinct passages in one forward call
+    (one call of a distributed wrapper per step)."""
+
+    def __init__(self, encoder: SentenceEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(
+        self, q_ids: torch.Tensor, q_mask: torch.Tensor, p_ids: torch.Tensor, p_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(q_ids, q_mask), self.encoder(p_ids, p_mask)
+
+
+def bi_scores(body: nn.Module, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
     """``(B, C)`` cosines of each query's embedding with its candidates' (`p_index` picks the rows)."""
-    q = nn.functional.normalize(encoder(tokens["q_ids"], tokens["q_mask"]), dim=-1)
-    p = nn.functional.normalize(encoder(tokens["p_ids"], tokens["p_mask"]), dim=-1)
+    q, p = body(tokens["q_ids"], tokens["q_mask"], tokens["p_ids"], tokens["p_mask"])
+    q, p = nn.functional.normalize(q, dim=-1), nn.functional.normalize(p, dim=-1)
     return (q.unsqueeze(1) * p[tokens["p_index"]]).sum(-1)
 
 
@@ -84,7 +98,11 @@ def embed_texts(
     for i in range(0, len(texts), batch):
         rows = order[i : i + batch]
         enc = tokenizer(
-            [texts[r] for r in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            [texts[r] for r in rows],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
         )
         emb = nn.functional.normalize(encoder(enc["input_ids"], enc["attention_mask"]).float(), dim=-1)
         if out.shape[1] == 0:
@@ -119,7 +137,9 @@ def cross_scorer(
         out = torch.empty(len(queries))
         for i in range(0, len(order), batch):
             rows = order[i : i + batch]
-            tokens = tokenise_pairs(tokenizer, [queries[r] for r in rows], [passages[r] for r in rows], max_length)
+            tokens = tokenise_pairs(
+                tokenizer, [queries[r] for r in rows], [passages[r] for r in rows], max_length
+            )
             out[rows] = cross_scores(body, head, tokens, (len(rows), 1)).float().flatten()
         return out
 
@@ -148,4 +168,3 @@ def export_cross_encoder(
     saved = copy.deepcopy(tokenizer)
     saved.model_max_length = max_length
     saved.save_pretrained(folder)
-

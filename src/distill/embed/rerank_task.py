@@ -17,14 +17,28 @@ from transformers import PreTrainedTokenizerBase
 from distill.configs.base import MethodConfigBase
 from distill.configs.embed import RerankKDConfig
 from distill.embed.encoders import SentenceEncoder
-from distill.embed.rerank_data import RerankStream, check_disjoint, mine_hard_negatives, read_pairs, unit_scores
-from distill.embed.rerank_eval import THROUGHPUT_PAIRS, make_pools, pair_throughput, pool_metrics, score_pools
+from distill.embed.rerank_data import (
+    RerankStream,
+    check_disjoint,
+    mine_hard_negatives,
+    read_pairs,
+    unit_scores,
+)
+from distill.embed.rerank_eval import (
+    THROUGHPUT_PAIRS,
+    make_pools,
+    mrr_of_positive,
+    pair_throughput,
+    pool_metrics,
+    score_pools,
+)
 from distill.embed.rerank_scorers import bi_scorer, embed_texts
 from distill.errors import InputError, RecipeError
 from distill.methods.base import Method
 from distill.methods.embed.margin_mse import RerankContext, RerankKD
 from distill.paths import resolve_path
 from distill.recipe_base import RecipeBase
+from distill.recipe_embed import EmbedRecipe
 
 
 def is_rerank(recipe: RecipeBase) -> bool:
@@ -33,7 +47,9 @@ def is_rerank(recipe: RecipeBase) -> bool:
 
 
 class RerankTask:
-    def __init__(self, recipe: Any, teacher: SentenceEncoder, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self, recipe: EmbedRecipe, teacher: SentenceEncoder, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
         d, e = recipe.data, recipe.eval
         self.recipe, self.teacher, self.tokenizer = recipe, teacher, tokenizer
         self.train = read_pairs(resolve_path(d.train), "data.train")
@@ -89,8 +105,12 @@ class RerankTask:
         scorer = method.scorer()
         scores = score_pools(scorer, self.held.queries, self.held.passages, self.pools, e.batch_size)
         out: dict[str, Any] = pool_metrics(scores, self.teacher_scores, self.column, self.k)
-        out["teacher_mrr_at_10"] = pool_metrics(self.teacher_scores, self.teacher_scores, self.column, 1)["mrr_at_10"]
-        flat = [(self.held.queries[q], self.held.passages[p]) for q, row in enumerate(self.pools.tolist()) for p in row]
+        out["teacher_mrr_at_10"] = mrr_of_positive(self.teacher_scores, self.column)
+        flat = [
+            (self.held.queries[q], self.held.passages[p])
+            for q, row in enumerate(self.pools.tolist())
+            for p in row
+        ]
         queries, passages = (list(x) for x in zip(*flat[:THROUGHPUT_PAIRS], strict=True))
         scorers = {"teacher": self.teacher_scorer, "student": scorer}
         speed = pair_throughput(scorers, queries, passages, e.batch_size, e.throughput_repeats)

@@ -127,7 +127,12 @@ class EmbedFamily(Family):
         data = (
             self.rerank.describe_data()
             if self.rerank is not None
-            else {"embed": {"train_sentences": len(self.train_text), "heldout_sentences": len(self.heldout_text)}}
+            else {
+                "embed": {
+                    "train_sentences": len(self.train_text),
+                    "heldout_sentences": len(self.heldout_text),
+                }
+            }
         )
         return {
             "teacher": r.teacher.path,

@@ -13,9 +13,9 @@ from accelerate import Accelerator
 from distill.configs.base import MethodConfigBase
 from distill.data.batching import BatchStream
 from distill.data.cross_tokenizer import CrossBatchStream, PairedExample
+from distill.errors import RecipeError
 from distill.eval.bits_per_byte import evaluate_bits_per_byte
 from distill.eval.metrics import evaluate
-from distill.errors import RecipeError
 from distill.families import lm_cross
 from distill.families.base import FAMILIES, Family
 from distill.families.lm_prepare import Prepared, prepare

@@ -28,11 +28,15 @@ def _negatives(neg: Tensor, b: int, name: str) -> Tensor:
     if neg.dim() == 1:
         neg = neg.unsqueeze(1)
     if neg.dim() != 2 or neg.shape[0] != b or neg.shape[1] < 1:
-        raise ValueError(f"{name}: expected (B,) or (B, N) negative scores with B={b}, got {tuple(neg.shape)}")
+        raise ValueError(
+            f"{name}: expected (B,) or (B, N) negative scores with B={b}, got {tuple(neg.shape)}"
+        )
     return neg
 
 
-def margin_mse_loss(student_pos: Tensor, student_neg: Tensor, teacher_pos: Tensor, teacher_neg: Tensor) -> Tensor:
+def margin_mse_loss(
+    student_pos: Tensor, student_neg: Tensor, teacher_pos: Tensor, teacher_neg: Tensor
+) -> Tensor:
     """Margin-MSE per query, shape ``(B,)``: mean over negatives ``j`` of
     ``((s_pos - s_neg_j) - (t_pos - t_neg_j))**2``.
 

@@ -21,6 +21,7 @@ from distill.configs.embed import RerankKDConfig
 from distill.embed.encoders import SentenceEncoder, export_sentence_transformers
 from distill.embed.rerank_data import RerankBatch
 from distill.embed.rerank_scorers import (
+    BiBody,
     CrossBody,
     PairScorer,
     bi_scorer,
@@ -54,7 +55,7 @@ class RerankKD(Method):
             body = CrossBody(student.model)
             self._modules = {"student": body, "head": score_head(body.width, seed)}
         else:
-            self._modules = {"student": student}
+            self._modules = {"student": BiBody(student)}
 
     def modules(self) -> dict[str, nn.Module]:
         return self._modules
@@ -99,7 +100,9 @@ class RerankKD(Method):
     def scorer(self) -> PairScorer:
         """The student as a text scorer (call `set_training(False)` first for evaluation)."""
         if self.kind == "cross":
-            return cross_scorer(self._modules["student"], self._modules["head"], self.ctx.tokenizer, self.ctx.max_length)
+            return cross_scorer(
+                self._modules["student"], self._modules["head"], self.ctx.tokenizer, self.ctx.max_length
+            )
         return bi_scorer(self.encoder, self.ctx.tokenizer, self.ctx.max_length)
 
     def export(self, folder: Path) -> None:
