@@ -27,25 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distill.stats import mean_interval
-from report_output import emit
+from report_output import emit, interval, seed_values
 
 METRICS = [("bits_per_byte", "bits/byte"), ("excess_bits_per_byte", "over teacher"), ("chunk_kl", "chunk KL")]
 BASELINE = "sft on teacher text"
-
-
-def interval(values: list[float]) -> str:
-    mean, low, high = mean_interval(values)
-    if low != low:  # one seed
-        return f"{mean:.4f}"
-    return f"{mean:.4f} [{low:.4f}, {high:.4f}]"
-
-
-def per_seed(entry: dict[str, Any], key: str) -> dict[str, float]:
-    seeds = entry.get("seeds")
-    if seeds is None:
-        return {"0": float(entry["after"][key])}
-    return {s: float(e["after"][key]) for s, e in seeds.items()}
 
 
 def report(summary: dict[str, Any], wall: float | None) -> list[str]:
@@ -64,17 +49,17 @@ def report(summary: dict[str, Any], wall: float | None) -> list[str]:
     for label, entry in methods.items():
         lines.append(
             f"| {label} | "
-            + " | ".join(interval(list(per_seed(entry, k).values())) for k, _ in METRICS)
+            + " | ".join(interval(list(seed_values(entry, k).values())) for k, _ in METRICS)
             + " |"
         )
     if BASELINE in methods:
         lines += ["", f"Paired by seed, minus `{BASELINE}` (negative: the KD method is better):", ""]
         lines += ["| method | bits/byte difference | per seed |", "|---|---|---|"]
-        base = per_seed(methods[BASELINE], "bits_per_byte")
+        base = seed_values(methods[BASELINE], "bits_per_byte")
         for label, entry in methods.items():
             if label == BASELINE:
                 continue
-            mine = per_seed(entry, "bits_per_byte")
+            mine = seed_values(entry, "bits_per_byte")
             diffs = [mine[s] - base[s] for s in sorted(mine) if s in base]
             lines.append(f"| {label} | {interval(diffs)} | {', '.join(f'{d:+.4f}' for d in diffs)} |")
     timing = [

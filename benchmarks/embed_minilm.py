@@ -27,7 +27,6 @@ import argparse
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -36,8 +35,7 @@ from distill.paths import resolve_path
 from distill.pipeline import run_recipe
 from distill.recipe import load_recipe
 from distill.recipe_embed import EmbedRecipe
-from distill.stats import mean_interval
-from report_output import emit
+from report_output import emit, interval, seed_values
 
 
 def recipe(
@@ -57,22 +55,6 @@ def recipe(
         r.method, r.seeds = mse, seeds[:1]
     r.eval.throughput_repeats = 1
     return r
-
-
-def interval(values: list[float], pct: bool = False) -> str:
-    scale = 100 if pct else 1
-    mean, low, high = mean_interval(values)
-    fmt = "{:.2f}" if pct else "{:.4f}"
-    if low != low:  # one seed
-        return fmt.format(scale * mean)
-    return f"{fmt.format(scale * mean)} [{fmt.format(scale * low)}, {fmt.format(scale * high)}]"
-
-
-def per_seed(entry: dict[str, Any], key: str) -> list[float]:
-    seeds = entry.get("seeds")
-    if seeds is None:
-        return [float(entry["after"][key])]
-    return [float(e["after"][key]) for e in seeds.values()]
 
 
 def student_folders(run: Path, label: str) -> list[Path]:
@@ -135,8 +117,8 @@ def main() -> None:
                 else [entry["train_seconds"]]
             )
             lines.append(
-                f"| {name} | {label} | {interval(per_seed(entry, 'spearman'))} "
-                f"| {interval(per_seed(entry, 'recall_at_10'), pct=True)} | {statistics.median(train_s):.0f} |"
+                f"| {name} | {label} | {interval(list(seed_values(entry, 'spearman').values()))} "
+                f"| {interval(list(seed_values(entry, 'recall_at_10').values()), 2, pct=True)} | {statistics.median(train_s):.0f} |"
             )
     r3 = next(iter(runs.values()))
     held = read_sentences(resolve_path(r3.data.heldout), r3.data.field, "data.heldout")

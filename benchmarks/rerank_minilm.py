@@ -39,8 +39,7 @@ from distill.paths import resolve_path
 from distill.pipeline import run_recipe
 from distill.recipe import load_recipe
 from distill.recipe_embed import EmbedRecipe
-from distill.stats import mean_interval
-from report_output import emit
+from report_output import emit, interval, seed_values
 
 METRICS = [
     ("spearman", "Spearman vs teacher", False),
@@ -50,20 +49,8 @@ METRICS = [
 ]
 
 
-def interval(values: list[float], pct: bool = False, signed: bool = False) -> str:
-    scale = 100 if pct else 1
-    mean, low, high = mean_interval(values)
-    fmt = ("{:+.2f}" if signed else "{:.2f}") if pct else ("{:+.3f}" if signed else "{:.3f}")
-    if low != low:  # one seed
-        return fmt.format(scale * mean)
-    return f"{fmt.format(scale * mean)} [{fmt.format(scale * low)}, {fmt.format(scale * high)}]"
-
-
 def per_seed(entry: dict[str, Any], key: str) -> list[float]:
-    seeds = entry.get("seeds")
-    if seeds is None:
-        return [float(entry["after"][key])]
-    return [float(e["after"][key]) for e in seeds.values()]
+    return list(seed_values(entry, key).values())
 
 
 def student_folder(run: Path, label: str) -> Path:
@@ -171,7 +158,7 @@ def main() -> None:
         lines.append("| untrained pruned copy (3 blocks, bi-encoder) | " + " | ".join(cells) + " | - |")
     for label in labels:
         entry = s["methods"][label]
-        cells = [interval(per_seed(entry, k), pct) for k, _, pct in METRICS]
+        cells = [interval(per_seed(entry, k), 2 if pct else 3, pct) for k, _, pct in METRICS]
         train_s = [e["train_seconds"] for e in entry.get("seeds", {"0": entry}).values()]
         lines.append(
             f"| {label} (3 blocks) | " + " | ".join(cells) + f" | {statistics.median(train_s):.0f} |"
@@ -185,7 +172,7 @@ def main() -> None:
             d = [
                 x - y for x, y in zip(per_seed(s["methods"][a], k), per_seed(s["methods"][b], k), strict=True)
             ]
-            diffs.append(interval(d, pct, signed=True))
+            diffs.append(interval(d, 2 if pct else 3, pct, signed=True))
         lines.append("| " + " | ".join(diffs) + " |")
     run = r.run_dir()
     folders = {"teacher (6 blocks)": ("bi", resolve_path(r.teacher.path))}
