@@ -142,3 +142,34 @@ def test_dense_teacher_cut_to_the_student_vocabulary_keeps_uld_exact() -> None:
         uld_loss(student, cut.sorted_probs, cut.tail, 2.0), uld_loss(student, full.sorted_probs, None, 2.0)
     )
     assert teacher_terms(signal, targets, first, 2.0, 4, top=0).sorted_probs.shape == (3, 0)
+
+
+def test_fresh_rows_instead_of_transplanted(smol_tokenizer_dir: Path) -> None:
+    """`transplant: false`: the new vocabulary gets seeded random rows (the control for transplantation)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from distill.configs.lm_sections import StudentTokenizerConfig
+    from distill.families.lm_cross import adapt_student
+    from distill.models.tokenizer_transplant import train_bpe
+    from tests.conftest import tiny_llama
+
+    teacher_tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    new = train_bpe(
+        ["hello world, a test of the new tokenizer"] * 20 + ["naïve café"] * 5, 300, like=teacher_tok
+    )
+    rows = {}
+    for transplant, seed in ((True, 0), (False, 0), (False, 0), (False, 1)):
+        student = tiny_llama(layers=1)
+        info = adapt_student(
+            student, StudentTokenizerConfig(vocab_size=300, transplant=transplant), teacher_tok, new, seed
+        )
+        assert info["tokenizer"]["vocab"] == len(new) and student.get_input_embeddings().weight.shape[
+            0
+        ] == len(new)
+        assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
+        rows.setdefault((transplant, seed), []).append(student.get_input_embeddings().weight.detach().clone())
+    fresh = rows[(False, 0)]
+    assert torch.equal(fresh[0], fresh[1]) and not torch.equal(fresh[0], rows[(False, 1)][0])
+    assert not torch.allclose(fresh[0], rows[(True, 0)][0])
+    assert abs(float(fresh[0].std()) - 0.02) < 0.005
