@@ -108,6 +108,15 @@ class Recipe(RecipeBase):
                 raise ValueError(
                     "data.packing: cross-tokenizer batches pair each row with the teacher's; set packing: false"
                 )
+            if (
+                m.name == "cross_tokenizer_kd"
+                and self.student.tokenizer is None
+                and self.student.init != "pretrained"
+            ):
+                raise ValueError(
+                    f"{field}.name: cross_tokenizer_kd is for a student whose tokenizer differs from the teacher's, "
+                    "and this student uses the teacher's; set student.tokenizer, or use logit_kd"
+                )
             if self.student.tokenizer is not None and m.name not in CROSS_TOKENIZER_METHODS:
                 raise ValueError(
                     f"{field}.name: {m.name!r} needs the teacher's vocabulary, and student.tokenizer gives the student "

@@ -53,7 +53,19 @@ BAD_INPUT = {
         lambda r: r["student"].update(tokenizer={"vocab_size": 10}),
         ["student.tokenizer.vocab_size"],
     ),
-    "same-tokenizer": ("run", lambda r: r["student"].pop("tokenizer"), ["method.name", "student.tokenizer"]),
+    "same-tokenizer": (
+        "validate",
+        lambda r: r["student"].pop("tokenizer"),
+        ["method.name", "student.tokenizer"],
+    ),
+    "same-tokenizer-baseline": (
+        "validate",
+        lambda r: (
+            r["student"].pop("tokenizer"),
+            r.update(method={"name": "logit_kd"}, baselines=[{"name": "cross_tokenizer_kd"}]),
+        ),
+        ["baselines.0.name", "cross_tokenizer_kd"],
+    ),
     "path-and-size": (
         "validate",
         lambda r: r["student"].update(tokenizer={"vocab_size": 300, "path": {"path": "x"}}),
