@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from distill.configs import METHOD_CONFIGS
 from distill.configs.base import MethodConfigBase
-from distill.configs.lm import CROSS_TOKENIZER_METHODS, Divergence, LogitKDConfig, SeqKDConfig, SFTConfig
+from distill.configs.lm import Divergence, LogitKDConfig, SeqKDConfig, SFTConfig, tokenizer_misfit
 from distill.configs.lm_sections import (
     CacheConfig,
     DataConfig,
@@ -108,20 +108,10 @@ class Recipe(RecipeBase):
                 raise ValueError(
                     "data.packing: cross-tokenizer batches pair each row with the teacher's; set packing: false"
                 )
-            if (
-                m.name == "cross_tokenizer_kd"
-                and self.student.tokenizer is None
-                and self.student.init != "pretrained"
-            ):
-                raise ValueError(
-                    f"{field}.name: cross_tokenizer_kd is for a student whose tokenizer differs from the teacher's, "
-                    "and this student uses the teacher's; set student.tokenizer, or use logit_kd"
-                )
-            if self.student.tokenizer is not None and m.name not in CROSS_TOKENIZER_METHODS:
-                raise ValueError(
-                    f"{field}.name: {m.name!r} needs the teacher's vocabulary, and student.tokenizer gives the student "
-                    f"another; use one of {', '.join(CROSS_TOKENIZER_METHODS)}"
-                )
+            known = self.student.tokenizer is not None or self.student.init != "pretrained"
+            misfit = tokenizer_misfit(field, m.name, self.student.tokenizer is not None) if known else None
+            if misfit is not None:
+                raise ValueError(misfit)
             if getattr(m, "relations", None) is not None and self.data.packing:
                 raise ValueError(
                     f"{field}.relations: packed rows hold several texts, and relations would cross them; set data.packing: false"

@@ -74,6 +74,23 @@ class SFTConfig(LMMethodConfig):
 # methods that need no shared vocabulary: text-level losses, and cross-entropy on the (teacher's) text
 CROSS_TOKENIZER_METHODS = ("cross_tokenizer_kd", "sft", "seq_kd")
 
+
+def tokenizer_misfit(field: str, name: str, tokenizers_differ: bool) -> str | None:
+    """Why method `name` (at recipe `field`) cannot run with these tokenizers; None when it can. One
+    message for validation (when the recipe shows it) and for loading (a pretrained student's tokenizer)."""
+    if tokenizers_differ and name not in CROSS_TOKENIZER_METHODS:
+        return (
+            f"{field}.name: {name!r} compares next-token distributions over one vocabulary, and the teacher's "
+            f"and student's tokenizers differ; use one of {', '.join(CROSS_TOKENIZER_METHODS)}"
+        )
+    if not tokenizers_differ and name == "cross_tokenizer_kd":
+        return (
+            f"{field}.name: cross_tokenizer_kd is for a student whose tokenizer differs from the teacher's, and "
+            "this student uses the teacher's; set student.tokenizer, or use logit_kd"
+        )
+    return None
+
+
 AlmDivergence = Literal["binary_kl", "binary_reverse_kl", "abs_logp"]
 
 

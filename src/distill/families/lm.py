@@ -13,7 +13,6 @@ from accelerate import Accelerator
 from distill.configs.base import MethodConfigBase
 from distill.data.batching import BatchStream
 from distill.data.cross_tokenizer import CrossBatchStream, PairedExample
-from distill.errors import RecipeError
 from distill.eval.bits_per_byte import evaluate_bits_per_byte
 from distill.eval.metrics import evaluate
 from distill.families import lm_cross
@@ -51,11 +50,6 @@ class LMFamily(Family):
 
     def make_method(self, cfg: MethodConfigBase, seed: int) -> Method:
         assert self.prep.student is not None
-        if cfg.name == "cross_tokenizer_kd" and not self.prep.cross:
-            raise RecipeError(
-                "method.name: cross_tokenizer_kd is for a student whose tokenizer differs from the teacher's, and "
-                "here they are the same; set student.tokenizer, or use logit_kd"
-            )
         ctx = LMContext(
             student=copy.deepcopy(self.prep.student),
             teacher=self.source,

@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from distill.configs.lm import CROSS_TOKENIZER_METHODS
+from distill.configs.lm import tokenizer_misfit
 from distill.configs.lm_sections import StudentTokenizerConfig
 from distill.data.records import Example
 from distill.errors import RecipeError
@@ -22,14 +22,12 @@ def differ(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenize
     return tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok)
 
 
-def check_methods(recipe: Recipe) -> None:
-    """A token-level method cannot run across tokenizers: one line naming the field."""
+def check_methods(recipe: Recipe, tokenizers_differ: bool) -> None:
+    """Every method of the recipe fits the tokenizers as loaded: one line naming the field if not."""
     for field, m in zip(recipe.method_fields(), recipe.methods(), strict=True):
-        if m.name not in CROSS_TOKENIZER_METHODS:
-            raise RecipeError(
-                f"{field}.name: {m.name!r} compares next-token distributions over one vocabulary, and the teacher's "
-                f"and student's tokenizers differ; use one of {', '.join(CROSS_TOKENIZER_METHODS)}"
-            )
+        misfit = tokenizer_misfit(field, m.name, tokenizers_differ)
+        if misfit is not None:
+            raise RecipeError(misfit)
 
 
 def training_texts(examples: list[Example]) -> list[str]:

@@ -110,6 +110,7 @@ def prepare(
         built = (student, info, with_student and calibrated)
         return _prepare_cross(recipe, teacher, tokenizer, built, train_examples, eval_examples, timing)
     if teacher is not None:
+        lm_cross.check_methods(recipe, tokenizers_differ=False)
         ref = student if student is not None else teacher.model
         vocab = (
             shared_vocab(teacher.tokenizer, teacher.model, ref, tokenizer)
@@ -159,7 +160,7 @@ def _prepare_cross(
 ) -> Prepared:
     """`prepare` when the tokenizers differ: every example in both tokenizations, aligned; the student
     (built from the teacher) given the new vocabulary."""
-    lm_cross.check_methods(recipe)
+    lm_cross.check_methods(recipe, tokenizers_differ=True)
     d = recipe.data
     if d.packing:
         raise RecipeError(

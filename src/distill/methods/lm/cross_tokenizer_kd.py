@@ -56,10 +56,8 @@ def teacher_terms(
         rest = max(signal.vocab_size - ids.shape[1], 1)
         estimate = torch.log(tail.clamp_min(1e-12) / rest)
         token_logp = torch.where(hit.any(-1), (logp * hit).sum(-1), estimate)
-        scaled = torch.log_softmax(
-            torch.cat([logp, tail.clamp_min(1e-12).log()[:, None]], -1) / temperature, -1
-        )
-        probs = scaled[first].exp()
+        at_first = torch.cat([logp[first], tail[first].clamp_min(1e-12).log()[:, None]], -1)
+        probs = torch.log_softmax(at_first / temperature, -1).exp()
         return TeacherTerms(token_logp, probs[:, :-1], probs[:, -1], int((~hit.any(-1)).sum()))
     out = torch.empty(targets.shape[0], device=device)
     keep = signal.vocab_size if top is None else min(top, signal.vocab_size)
