@@ -45,6 +45,7 @@ from distill.recipe_base import (
 )
 from distill.recipe_classifier import ClassifierRecipe
 from distill.recipe_condense import CondenseRecipe
+from distill.recipe_diffusion import DiffusionRecipe
 from distill.recipe_embed import EmbedRecipe
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ else:
 __all__ = [
     "ClassifierRecipe",
     "CondenseRecipe",
+    "DiffusionRecipe",
     "EmbedRecipe",
     "CacheConfig",
     "CachedTeacherConfig",

@@ -1,6 +1,6 @@
 """Recipe sections, torch-free. Importing this package registers every family's method configs."""
 
-from distill.configs import classifier, condense, embed, lm
+from distill.configs import classifier, condense, diffusion, embed, lm
 from distill.configs.base import METHOD_CONFIGS, MethodConfigBase, Strict
 
-__all__ = ["METHOD_CONFIGS", "MethodConfigBase", "Strict", "classifier", "condense", "embed", "lm"]
+__all__ = ["METHOD_CONFIGS", "MethodConfigBase", "Strict", "classifier", "condense", "diffusion", "embed", "lm"]
