@@ -31,12 +31,12 @@ class _Conditioning(nn.Module):
         self.dim = dim
         self.time = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.label = nn.Embedding(classes + 1, dim) if classes > 0 else None
-        self.guidance = (
-            nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim)) if guidance else None
-        )
-        if self.guidance is not None:
-            nn.init.zeros_(self.guidance[2].weight)
-            nn.init.zeros_(self.guidance[2].bias)
+        self.guidance: nn.Sequential | None = None
+        if guidance:
+            last = nn.Linear(dim, dim)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            self.guidance = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), last)
 
     def forward(
         self, timestep: torch.Tensor, labels: torch.Tensor | None, guidance: torch.Tensor | None, n: int
