@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from distill.classifier.batches import TensorStream
 from distill.configs.diffusion import DenoiseConfig
 from distill.diffusion.data import DiffusionData
+from distill.diffusion.diffusers_teacher import is_diffusers_folder, load_diffusers_teacher, scheduler_kind
 from distill.diffusion.models import Denoiser, DigitsUNet, ToyMLP
 from distill.diffusion.paths import NoisePath
 from distill.engine.trainer import train
@@ -89,6 +90,16 @@ def load_saved(folder: Path, data: DiffusionData, path: NoisePath, field: str) -
     return frozen_copy(den)  # type: ignore[return-value]
 
 
+def _from_diffusers(folder: Path, path: NoisePath) -> Denoiser:
+    kind = scheduler_kind(folder)
+    if kind is not None and kind != path.kind:
+        raise InputError(
+            f"teacher.objective: the scheduler in {folder} belongs to the {kind!r} noise path, not {path.kind!r}"
+        )
+    net, loaded = load_diffusers_teacher(folder, "teacher.path")
+    return frozen_copy(Denoiser(net, loaded))  # type: ignore[return-value]
+
+
 def make_teacher(
     recipe: DiffusionRecipe, data: DiffusionData, acc: Accelerator, progress: Progress
 ) -> tuple[Denoiser, dict[str, Any]]:
@@ -96,7 +107,10 @@ def make_teacher(
     t = recipe.teacher
     path = noise_path(recipe, data)
     if t.path is not None:
-        return load_saved(resolve_path(t.path), data, path, "teacher.path"), {"source": t.path}
+        folder = resolve_path(t.path)
+        if is_diffusers_folder(folder):
+            return _from_diffusers(folder, path), {"source": t.path}
+        return load_saved(folder, data, path, "teacher.path"), {"source": t.path}
     folder = resolve_path(t.store) / fingerprint(recipe)
     acc.wait_for_everyone()
     if (folder / "model" / NOISE_PATH_FILE).exists():

@@ -5,6 +5,7 @@ teacher steps does it replace?"."""
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,14 @@ from distill.classifier.batches import TensorStream
 from distill.configs.base import MethodConfigBase
 from distill.configs.diffusion import DiffusionMethodConfig
 from distill.diffusion.data import DiffusionData, load_data
+from distill.diffusion.diffusers_teacher import DiffusersAdapter
 from distill.diffusion.judge import DigitsJudge, train_judge
 from distill.diffusion.models import Denoiser, guided_x0
 from distill.diffusion.paths import NoisePath
 from distill.diffusion.sampling import SamplerKind, generate
 from distill.diffusion.scoring import columns, eval_labels, primary_key, score_samples
 from distill.diffusion.teacher import build_net, make_teacher
+from distill.errors import RecipeError
 from distill.families.base import FAMILIES, Family
 from distill.methods import diffusion as _registers  # noqa: F401 - registers the diffusion methods
 from distill.methods.base import METHODS, Method, Stream
@@ -100,7 +103,7 @@ class DiffusionFamily(Family):
                 "samples_per_s": per_s,
             }
             self.teacher_curve[n] = scored.get(primary_key(self.data), float("inf"))
-        n = min(len(self.data.x), len(self.data.x_test), self.recipe.eval.samples)
+        n = min(len(self.data.x), self.recipe.eval.samples)  # as many rows as a method's samples
         real = self.data.x[torch.randperm(len(self.data.x), generator=torch.Generator().manual_seed(0))[:n]]
         floor = score_samples(real, self.data, ref, self.judge, None)
         refs["training data (floor)"] = floor
@@ -114,6 +117,14 @@ class DiffusionFamily(Family):
     # ------------------------------------------------------------------ methods
 
     def _make_student(self, init: str, guidance: bool) -> Denoiser:
+        if init == "teacher" and isinstance(self.teacher.net, DiffusersAdapter):
+            if guidance:
+                raise RecipeError(
+                    "method: a diffusers teacher's copy has no guidance-scale input (cfg_distill)"
+                )
+            copied = copy.deepcopy(self.teacher.net).train()
+            copied.requires_grad_(True)
+            return Denoiser(copied, self.path)
         options = self.recipe.student.model or self.recipe.teacher.model
         net = build_net(self.data, options, guidance, "student.model")
         if init == "teacher":

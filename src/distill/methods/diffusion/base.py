@@ -53,8 +53,13 @@ def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
 def save_denoiser(den: Denoiser, folder: Path, facts: dict[str, Any]) -> None:
     """A diffusers model folder (config.json + diffusion_pytorch_model.safetensors) and what sampling it
     needs: the noise path, sampler kind and steps, classes, sample shape."""
+    from distill.diffusion.diffusers_teacher import DiffusersAdapter, save_adapter
+
     folder.mkdir(parents=True, exist_ok=True)
-    den.net.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[operator]
+    if isinstance(den.net, DiffusersAdapter):
+        save_adapter(den.net, folder)
+    else:
+        den.net.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[operator]
     write_json_atomic(folder / NOISE_PATH_FILE, {"path": den.path.describe(), **facts})
 
 
