@@ -275,6 +275,26 @@ def prune(
     )
 
 
+@app.command()
+def sample(
+    folder: Annotated[Path, typer.Argument(help="A saved diffusion model (teacher model/, student/).")],
+    output: Annotated[Path, typer.Option("--out", help=".npy, .safetensors, .png (2-D), PNG folder.")],
+    steps: Annotated[int | None, typer.Option("--steps", help="Default: the folder's.")] = None,
+    count: Annotated[int, typer.Option("--count", help="How many samples.")] = 16,
+    label: Annotated[int | None, typer.Option("--label", help="Default: classes in turn.")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the starting noise.")] = 0,
+    sampler: Annotated[str | None, typer.Option("--sampler", help="ode, heun or consistency.")] = None,
+) -> None:
+    """Draw samples from a saved diffusion teacher or distilled student."""
+    from distill.diffusion.sample_command import sample_folder
+
+    message = sample_folder(
+        folder, output, steps=steps, count=count, label=label, guidance=guidance, seed=seed, sampler=sampler
+    )
+    out.print(message, soft_wrap=True, highlight=False)
+
+
 # Set before transformers, huggingface_hub, datasets or tqdm is imported (each reads these once, at import):
 # distill loads local models only, and draws its own progress, which library bars would interleave with.
 _LIBRARY_ENV = {

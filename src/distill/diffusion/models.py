@@ -18,8 +18,9 @@ from distill.diffusion.paths import NoisePath
 
 def sinusoidal(values: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device) / half)
-    args = values.float()[:, None] * freqs[None]
+    dtype = values.dtype if values.is_floating_point() else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device, dtype=dtype) / half)
+    args = values.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
