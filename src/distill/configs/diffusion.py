@@ -70,6 +70,14 @@ class ConsistencyConfig(DiffusionMethodConfig):
     distance: Literal["l2", "pseudo_huber"] = "pseudo_huber"
     ema: float | None = Field(default=0.999, ge=0, lt=1)
 
+    @model_validator(mode="after")
+    def _grid(self) -> ConsistencyConfig:
+        if self.steps > self.discretization:
+            raise ValueError(
+                f"steps: {self.steps} exceeds the discretization ({self.discretization}) it is trained on"
+            )
+        return self
+
 
 @register_method_config
 class ReflowConfig(DiffusionMethodConfig):

@@ -141,6 +141,8 @@ class DiffusionFamily(Family):
                                teacher=self.teacher, guidance=self.recipe.teacher.guidance,
                                make_student=self._make_student)  # fmt: skip
         method = METHODS.get(cfg.name)(ctx, cfg)  # type: ignore[call-arg]
+        if hasattr(method, "set_total_steps"):  # progressive rounds split the run's steps
+            method.set_total_steps(self.recipe.train.steps)
         return method
 
     def make_stream(self, method: Method, seed: int) -> Stream:
@@ -198,6 +200,6 @@ class DiffusionFamily(Family):
         return (
             f"{e.samples} samples per method from the same starting noise, scored against "
             f"{len(self.data.x_test)} held-out rows. 'teacher steps to match': the fewest teacher Euler/DDIM steps "
-            f"(of {sorted(set(e.teacher_steps))}) whose {key} is at least as good as the student's; the student's "
+            f"(of {sorted(set(e.teacher_steps))}) whose {key} is at least as good as the student's ('—': none of them is); the student's "
             "speed-up at equal quality is that number over its own steps."
         )

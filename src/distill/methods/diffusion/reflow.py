@@ -52,4 +52,4 @@ class Reflow(DiffusionMethod):
         e = batch.extra
         out = ctx.modules["student"](e["xt"], e["t"], self.labels(batch))
         per_row = (out - e["target"]).pow(2).flatten(1).mean(1)
-        return per_row.sum() / ctx.normalizer, {"mse": float(per_row.detach().mean())}
+        return per_row.sum() / ctx.normalizer, {"mse": float(per_row.detach().sum()) / ctx.normalizer}
