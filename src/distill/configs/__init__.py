@@ -3,4 +3,13 @@
 from distill.configs import classifier, condense, diffusion, embed, lm
 from distill.configs.base import METHOD_CONFIGS, MethodConfigBase, Strict
 
-__all__ = ["METHOD_CONFIGS", "MethodConfigBase", "Strict", "classifier", "condense", "diffusion", "embed", "lm"]
+__all__ = [
+    "METHOD_CONFIGS",
+    "MethodConfigBase",
+    "Strict",
+    "classifier",
+    "condense",
+    "diffusion",
+    "embed",
+    "lm",
+]

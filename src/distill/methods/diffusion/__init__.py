@@ -1,5 +1,5 @@
 """Diffusion methods; importing this package registers them."""
 
-from distill.methods.diffusion import denoise
+from distill.methods.diffusion import consistency, denoise, dmd2, guidance, progressive, reflow, score_distill
 
-__all__ = ["denoise"]
+__all__ = ["consistency", "denoise", "dmd2", "guidance", "progressive", "reflow", "score_distill"]
