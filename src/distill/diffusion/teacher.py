@@ -18,6 +18,7 @@ from distill.diffusion.data import DiffusionData
 from distill.diffusion.diffusers_teacher import is_diffusers_folder, load_diffusers_teacher, scheduler_kind
 from distill.diffusion.models import Denoiser, DigitsUNet, ToyMLP
 from distill.diffusion.paths import NoisePath
+from distill.diffusion.sample_command import load_model_folder
 from distill.engine.trainer import train
 from distill.errors import InputError, RecipeError
 from distill.methods.diffusion.base import NOISE_PATH_FILE, DiffusionContext, frozen_copy
@@ -55,39 +56,23 @@ def fingerprint(recipe: DiffusionRecipe) -> str:
 
 
 def load_saved(folder: Path, data: DiffusionData, path: NoisePath, field: str) -> Denoiser:
-    """A folder saved by this family: its noise path must be the recipe's, its shape the data's."""
+    """A folder saved by this family (read as `distill sample` reads it): its noise path must be the
+    recipe's, its shape and classes the data's."""
     try:
-        facts = json.loads((folder / NOISE_PATH_FILE).read_text(encoding="utf-8"))
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise InputError(f"{field}: {folder} lacks {Path(err.filename or '').name}") from None
-    except json.JSONDecodeError as err:
-        raise InputError(f"{field}: {folder}: unreadable JSON ({err})") from None
-    kind = facts.get("path", {}).get("kind")
+        saved = load_model_folder(folder)
+    except InputError as err:
+        raise InputError(f"{field}: {err}") from None
+    kind = saved.denoiser.path.kind
     if kind != path.kind:
         raise InputError(
             f"teacher.objective: the model in {folder} was trained on the {kind!r} noise path, not {path.kind!r}"
         )
-    if list(facts.get("shape", [])) != list(data.shape) or int(facts.get("classes", -1)) != data.classes:
+    if list(saved.shape) != list(data.shape) or saved.classes != data.classes:
         raise InputError(
-            f"{field}: {folder} makes samples of shape {facts.get('shape')} with {facts.get('classes')} "
+            f"{field}: {folder} makes samples of shape {list(saved.shape)} with {saved.classes} "
             f"classes; the data has {list(data.shape)} and {data.classes}"
         )
-    cls = {"ToyMLP": ToyMLP, "DigitsUNet": DigitsUNet}.get(config.get("_class_name", ""))
-    if cls is None:
-        raise InputError(
-            f"{field}: {folder} holds a {config.get('_class_name')!r}, not a ToyMLP or DigitsUNet"
-        )
-    try:
-        net = cls.from_pretrained(str(folder))
-    except (OSError, ValueError, RuntimeError) as err:
-        raise InputError(f"{field}: cannot load {folder}: {str(err).splitlines()[0]}") from None
-    p = facts["path"]
-    if kind == "edm":
-        path = NoisePath(kind="edm", sigma_min=p["sigma_min"], sigma_max=p["sigma_max"], rho=p["rho"],
-                         sigma_data=p["sigma_data"])  # fmt: skip
-    den = Denoiser(net, path)
-    return frozen_copy(den)  # type: ignore[return-value]
+    return frozen_copy(saved.denoiser)  # type: ignore[return-value]
 
 
 def _from_diffusers(folder: Path, path: NoisePath) -> Denoiser:

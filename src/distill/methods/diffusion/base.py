@@ -20,7 +20,7 @@ from distill.diffusion.models import Denoiser, guided_x0
 from distill.diffusion.paths import NoisePath
 from distill.diffusion.sampling import LabelledX0Fn, SamplerKind
 from distill.io import write_json_atomic
-from distill.methods.base import Method, Phase
+from distill.methods.base import Method, Phase, StepContext
 
 NOISE_PATH_FILE = "noise_path.json"
 SAMPLES_FILE = "samples.safetensors"
@@ -104,6 +104,20 @@ class DiffusionMethod(Method):
 
     def labels(self, batch: ClassifierBatch) -> torch.Tensor | None:
         return batch.y if self.ctx.classes > 0 else None
+
+    def native_mse(
+        self,
+        ctx: StepContext,
+        batch: ClassifierBatch,
+        labels: torch.Tensor | None,
+        guidance: torch.Tensor | None = None,
+        module: str = "student",
+    ) -> torch.Tensor:
+        """Per-row mean squared error of `module`'s raw output at the prepared (xt, t) against the
+        prepared `target`: the regression every denoising-style method (and DMD's critic) trains."""
+        e = batch.extra
+        out = ctx.modules[module](e["xt"], e["t"], labels, guidance)
+        return (out - e["target"]).pow(2).flatten(1).mean(1)
 
     def teacher_x0(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         assert self.ctx.teacher is not None, f"method {self.cfg.name} needs a teacher"

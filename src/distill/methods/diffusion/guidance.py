@@ -57,7 +57,5 @@ class GuidanceDistill(DiffusionMethod):
         return batch
 
     def loss(self, ctx: StepContext, batch: ClassifierBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        e = batch.extra
-        out = ctx.modules["student"](e["xt"], e["t"], batch.y, e["w"])
-        per_row = (out - e["target"]).pow(2).flatten(1).mean(1)
+        per_row = self.native_mse(ctx, batch, batch.y, batch.extra["w"])
         return per_row.sum() / ctx.normalizer, {"mse": float(per_row.detach().mean())}

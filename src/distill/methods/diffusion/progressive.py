@@ -126,9 +126,7 @@ class Progressive(DiffusionMethod):
         return batch
 
     def loss(self, ctx: StepContext, batch: ClassifierBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        e = batch.extra
-        out = ctx.modules["student"](e["xt"], e["t"], self.labels(batch))
-        per_row = (out - e["target"]).pow(2).flatten(1).mean(1)
+        per_row = self.native_mse(ctx, batch, self.labels(batch))
         loss = per_row.sum() / ctx.normalizer
         # Parts as shares of the update's mean, so the engine's sum over micro-batches and processes is
         # the mean (the round index included).

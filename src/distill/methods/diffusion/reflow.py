@@ -49,7 +49,5 @@ class Reflow(DiffusionMethod):
         return batch
 
     def loss(self, ctx: StepContext, batch: ClassifierBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        e = batch.extra
-        out = ctx.modules["student"](e["xt"], e["t"], self.labels(batch))
-        per_row = (out - e["target"]).pow(2).flatten(1).mean(1)
+        per_row = self.native_mse(ctx, batch, self.labels(batch))
         return per_row.sum() / ctx.normalizer, {"mse": float(per_row.detach().sum()) / ctx.normalizer}

@@ -128,9 +128,7 @@ class ScoreDistill(DiffusionMethod):
 
     def critic_loss(self, ctx: StepContext, batch: ClassifierBatch) -> tuple[torch.Tensor, Parts]:
         """The fake network's denoising loss on the detached generator samples (native output)."""
-        e = batch.extra
-        out = ctx.modules["fake"](e["xt"], e["t"], self.labels(batch))
-        per_row = (out - e["target"]).pow(2).flatten(1).mean(1)
+        per_row = self.native_mse(ctx, batch, self.labels(batch), module="fake")
         return per_row, {"denoise": float(per_row.detach().mean())}
 
     def generator_loss(
