@@ -167,9 +167,7 @@ class Denoiser(nn.Module):
         labels: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        return self.path.x0(self(x, t, labels, guidance), x, t)
+        return x0_of(self, self.path, x, t, labels, guidance)
 
 
 def x0_of(
