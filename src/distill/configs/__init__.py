@@ -1,6 +1,6 @@
 """Recipe sections, torch-free. Importing this package registers every family's method configs."""
 
-from distill.configs import classifier, condense, diffusion, embed, lm
+from distill.configs import classifier, condense, diffusion, embed, lm, on_policy
 from distill.configs.base import METHOD_CONFIGS, MethodConfigBase, Strict
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "diffusion",
     "embed",
     "lm",
+    "on_policy",
 ]

@@ -30,6 +30,12 @@ class LMMethodConfig(MethodConfigBase):
 
     quantize: QuantizeConfig | None = None
 
+    @property
+    def needs_completions(self) -> bool:
+        """Whether training reads the dataset's (or the teacher's) answers; False for methods that
+        write every answer themselves, which can train on prompts alone."""
+        return True
+
 
 @register_method_config
 class LogitKDConfig(LMMethodConfig):

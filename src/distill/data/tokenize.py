@@ -48,18 +48,24 @@ def completion_ids(tok: PreTrainedTokenizerBase, completion: str, finished: bool
 
 
 def tokenize_examples(
-    tok: PreTrainedTokenizerBase, examples: list[Example], max_length: int, system_prompt: str | None
+    tok: PreTrainedTokenizerBase,
+    examples: list[Example],
+    max_length: int,
+    system_prompt: str | None,
+    *,
+    prompts_only: bool = False,
 ) -> tuple[list[TokenizedExample], int]:
     """Tokenise; answers are cut to fit `max_length`. Returns the examples and how many were dropped
-    (prompt alone too long, or no answer)."""
+    (prompt alone too long, or no answer unless `prompts_only`: methods that write every answer
+    themselves keep prompts without one)."""
     out: list[TokenizedExample] = []
     dropped = 0
     for ex in examples:
-        if ex.completion is None:
+        if ex.completion is None and not prompts_only:
             dropped += 1
             continue
         p = prompt_ids(tok, ex.prompt, system_prompt)
-        c = completion_ids(tok, ex.completion, ex.finished)
+        c = completion_ids(tok, ex.completion, ex.finished) if ex.completion is not None else []
         if len(p) >= max_length - 1:
             dropped += 1
             continue

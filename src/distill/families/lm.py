@@ -23,6 +23,8 @@ from distill.methods.lm import (  # noqa: F401 - registers the LM methods
     cross_entropy,
     cross_tokenizer_kd,
     logit_kd,
+    minillm,
+    on_policy,
     representation_kd,
 )
 from distill.methods.lm.base import LMContext, LMMethod
@@ -59,6 +61,7 @@ class LMFamily(Family):
             lora=self.recipe.student.lora,
             layer_origin=self.prep.student_info.get("kept_layers"),
             kept_channels=self.prep.kept_channels,
+            seed=seed,
         )
         method: Method = METHODS.get(cfg.name)(cfg, ctx)  # type: ignore[call-arg]
         return method

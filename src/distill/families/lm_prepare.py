@@ -120,8 +120,13 @@ def prepare(
     else:
         assert student is not None
         vocab = int(student.config.vocab_size)
+    prompts_only = all(not getattr(m, "needs_completions", True) for m in recipe.methods())
     train_tok, dropped = tokenize_examples(
-        tokenizer, train_examples, recipe.data.max_length, recipe.data.system_prompt
+        tokenizer,
+        train_examples,
+        recipe.data.max_length,
+        recipe.data.system_prompt,
+        prompts_only=prompts_only,
     )
     if not train_tok:
         raise InputError(f"{recipe.data.train.path}: no usable training examples (all {dropped} dropped)")

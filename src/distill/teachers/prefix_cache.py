@@ -24,7 +24,6 @@ not re-checked.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from distill.data.batching import Batch
+from distill.generation.engine import cache_keyword
 from distill.models.body import batch_hidden
 
 _Entry = tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]  # per-layer (K, V); hidden (1, P, H)
@@ -76,10 +76,7 @@ class PrefixCache:
 
     @property
     def _cache_arg(self) -> str:
-        """The name the model's forward takes a K/V cache under: `cache` in current transformers
-        (`past_key_values` is deprecated there, removed in 5.40), `past_key_values` before."""
-        params = inspect.signature(self.model.base_model.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
+        return cache_keyword(self.model.base_model)
 
     def _version(self) -> int:
         """Sum of the parameters' in-place modification counters: changes whenever any weight is written

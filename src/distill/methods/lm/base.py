@@ -50,6 +50,7 @@ class LMContext:
     kept_channels: list[int] | None = (
         None  # the teacher embedding channel each student channel was pruned from
     )
+    seed: int = 0  # the run's seed (methods that sample draw from it)
 
 
 @dataclass

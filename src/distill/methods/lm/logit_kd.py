@@ -37,9 +37,11 @@ class LogitKD(LMMethod):
         return self.logit_loss(ctx, rows, teacher.signal(batch, rows.select))
 
     def logit_loss(
-        self, ctx: StepContext, rows: StudentRows, signal: AnySignal
+        self, ctx: StepContext, rows: StudentRows, signal: AnySignal, ce_weight: float | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The divergence (plus optional CE) at the answer rows, through the fused chunked head."""
+        """The divergence (plus optional CE) at the answer rows, through the fused chunked head;
+        `ce_weight` overrides the config's (on-policy batches take none)."""
+        ce_weight = self.cfg.ce_weight if ce_weight is None else ce_weight
         if signal.num_rows != rows.hidden.shape[0]:
             raise CompatibilityError(
                 f"teacher gave {signal.num_rows} positions for {rows.hidden.shape[0]} answer tokens"
@@ -55,12 +57,12 @@ class LogitKD(LMMethod):
         loss, parts = chunked_head_loss(
             rows.hidden,
             rows.weight,
-            labels=rows.targets if self.cfg.ce_weight > 0 else None,
+            labels=rows.targets if ce_weight > 0 else None,
             teacher_logits=dense,
             teacher_topk=sparse,
             spec=self.spec,
             kd_weight=self.cfg.kd_weight,
-            ce_weight=self.cfg.ce_weight,
+            ce_weight=ce_weight,
             normalizer=ctx.normalizer,
             chunk_size=self.lm.chunk_size,
             teacher_logits_fresh=fresh,
