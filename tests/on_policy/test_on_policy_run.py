@@ -26,6 +26,7 @@ def test_on_policy_drafter_and_minillm_train_and_log_generated_tokens(
             {"name": "minillm", "sample": sample},
         ],
     )
+    rec["eval"]["own_samples"] = {"max_new_tokens": 4}
     summary = run_recipe(parse_recipe(rec))  # off-policy batches: the teacher's generated answers
     for name in ("on_policy", "drafter", "minillm"):
         mdir = tmp_path / "run" / "methods" / name
@@ -38,7 +39,9 @@ def test_on_policy_drafter_and_minillm_train_and_log_generated_tokens(
             assert 0 <= on <= 4
         else:
             assert on == 4 and gen > 0
-        assert summary["methods"][name]["after"]["kl"] >= 0
+        after = summary["methods"][name]["after"]
+        assert after["kl"] >= 0 and after["own_kl"] >= 0 and after["own_tokens"] > 0
+    assert "KL on own samples" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_a_drafter_trains_on_prompts_alone(

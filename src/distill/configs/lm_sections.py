@@ -133,8 +133,20 @@ class CacheConfig(Strict):
     zstd_level: int = Field(default=19, ge=1, le=22)
 
 
+class OwnSamplesEvalConfig(Strict):
+    """Also measure KL(teacher‖student) on answers the student writes itself to the held-out prompts:
+    the distribution it meets at inference, where exposure bias shows (GKD's measure). Samples are drawn
+    with a generator seeded by `seed`, so every student is scored on its own answers the same way."""
+
+    max_new_tokens: int = Field(default=32, ge=1)
+    temperature: float = Field(default=1.0, ge=0)  # 0: greedy
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int = 0
+
+
 class EvalConfig(EvalConfigBase):
     position_buckets: list[int] = Field(default_factory=lambda: [0, 8, 16, 32, 64, 128, 256])
+    own_samples: OwnSamplesEvalConfig | None = None
 
     @field_validator("position_buckets")
     @classmethod

@@ -15,6 +15,7 @@ from distill.data.batching import BatchStream
 from distill.data.cross_tokenizer import CrossBatchStream, PairedExample
 from distill.eval.bits_per_byte import evaluate_bits_per_byte
 from distill.eval.metrics import evaluate
+from distill.eval.own_samples import own_sample_columns, own_sample_metrics
 from distill.families import lm_cross
 from distill.families.base import FAMILIES, Family
 from distill.families.lm_prepare import Prepared, prepare
@@ -113,7 +114,7 @@ class LMFamily(Family):
                 progress=progress,
                 teacher_memo=self.teacher_memo,
             )
-        return evaluate(
+        scores = evaluate(
             model,
             self.exact,
             self.prep.eval,
@@ -124,15 +125,43 @@ class LMFamily(Family):
             chunk_size=self.recipe.train.chunk_size,
             progress=progress,
         )
+        own = self.recipe.eval.own_samples
+        if own is not None and self.exact is not None:
+            eos = self.prep.tokenizer.eos_token_id
+            scores |= own_sample_metrics(
+                model,
+                self.exact,
+                self.prep.eval,
+                own,
+                eos_ids=[eos] if eos is not None else [],
+                vocab_size=self.prep.vocab,
+                pad_id=self.prep.pad_id,
+                batch_size=self.recipe.eval.batch_size,
+                chunk_size=self.recipe.train.chunk_size,
+            )
+        return scores
 
     def timings(self) -> dict[str, float]:
         return dict(self.prep.timing)
 
     def result_columns(self) -> list[dict[str, str]]:
-        return lm_cross.result_columns(self.exact is not None) if self.prep.cross else []
+        if self.prep.cross:
+            return lm_cross.result_columns(self.exact is not None)
+        if self.recipe.eval.own_samples is not None and self.exact is not None:
+            return own_sample_columns()
+        return []
 
     def results_note(self) -> str:
-        return lm_cross.results_note(len(self.prep.eval), self.exact is not None) if self.prep.cross else ""
+        if self.prep.cross:
+            return lm_cross.results_note(len(self.prep.eval), self.exact is not None)
+        own = self.recipe.eval.own_samples
+        if own is not None and self.exact is not None:
+            return (
+                f"KL and top-1 on {len(self.prep.eval)} held-out answers; 'on own samples': on the answers each "
+                f"model writes itself to the same prompts (up to {own.max_new_tokens} tokens, temperature "
+                f"{own.temperature}, seed {own.seed}), scored by the teacher"
+            )
+        return ""
 
     def describe(self) -> dict[str, Any]:
         prep = self.prep
