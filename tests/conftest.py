@@ -17,7 +17,12 @@ SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def tiny_llama(
-    vocab: int = 49152, layers: int = 4, hidden: int = 32, dtype: torch.dtype = torch.float32, seed: int = 0
+    vocab: int = 49152,
+    layers: int = 4,
+    hidden: int = 32,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    tie: bool = True,
 ) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
@@ -28,7 +33,7 @@ def tiny_llama(
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
         bos_token_id=1,
         eos_token_id=2,
     )

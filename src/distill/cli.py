@@ -295,6 +295,48 @@ def sample(
     out.print(message, soft_wrap=True, highlight=False)
 
 
+@app.command()
+def speculate(
+    target: Annotated[str, typer.Option("--target", help="Target: HF folder, .gguf file or pkg:NAME.")],
+    draft: Annotated[str, typer.Option("--draft", help="Draft model with the target's tokenizer.")],
+    prompts: Annotated[str, typer.Option("--prompts", help="JSONL with a 'prompt' field.")],
+    gamma: Annotated[int, typer.Option("--gamma", help="Draft tokens per round.")] = 4,
+    temperature: Annotated[float, typer.Option("--temperature", help="0: greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    limit: Annotated[int | None, typer.Option("--limit", help="Use the first N prompts.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    adaptive_gamma: Annotated[bool, typer.Option("--adaptive-gamma", help="Gamma in [1, 2*gamma].")] = False,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed passes (noise shows).")] = 3,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report here.")] = None,
+) -> None:
+    """Measure lossless speculative decoding of a target with a draft (a pruned or distilled student)."""
+    from distill.generation.speculate_command import report_lines
+    from distill.generation.speculate_command import speculate as run_speculate
+
+    progress = RichProgress()
+    try:
+        report = run_speculate(
+            target,
+            draft,
+            prompts,
+            gamma=gamma,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            limit=limit,
+            seed=seed,
+            adaptive=adaptive_gamma,
+            repeats=repeats,
+            json_out=json_out,
+            progress=progress,
+        )
+    finally:
+        progress.finish()
+    for line in report_lines(report):
+        out.print(line, soft_wrap=True, highlight=False, markup=False)
+
+
 # Set before transformers, huggingface_hub, datasets or tqdm is imported (each reads these once, at import):
 # distill loads local models only, and draws its own progress, which library bars would interleave with.
 _LIBRARY_ENV = {

@@ -1,0 +1,280 @@
+"""Lossless speculative decoding (Leviathan et al. 2023; Chen et al. 2023) and the target-only decoder it
+is measured against.
+
+A small draft model proposes `gamma` tokens from its next-token distribution q; the target scores all
+gamma + 1 positions in one forward and gives p. Draft token i is kept with probability
+min(1, p(x_i) / q(x_i)); at the first rejection a token is drawn from norm(max(0, p - q)) at that
+position, and when all gamma are kept a bonus token is drawn from p after them. Every produced token is
+then distributed exactly as the target alone would sample it, so the draft only changes the speed.
+Both p and q come from `distill.generation.sampling.next_token_probs` with one `SamplingSpec`, so the
+sampler is lossless for exactly the distribution plain sampling uses (temperature, top-k, top-p).
+Greedy (temperature 0) is the case where p and q are one-hot: a draft token is kept iff it is the
+target's arg-max, and the output is the target's greedy output token for token.
+
+Both models keep their K/V caches across rounds (`KVStream`); rejected positions are rolled back, the
+prompt is never re-run. Batches: each row accepts its own number of tokens (per-row accept/reject, no
+shared minimum, so sampling stays lossless row by row); slots one row rejected while another kept them
+stay in the cache masked out for that row (see `kv_stream`), and finished rows leave the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from distill.generation.kv_stream import KVStream, left_pad, sync
+from distill.generation.sampling import SamplingSpec, next_token_probs, sample_from
+from distill.generation.speculative_stats import SpeculativeStats
+
+
+@dataclass
+class PlainStats:
+    """Counts and seconds of target-only decoding; adds up over runs (`merge`)."""
+
+    new_tokens: int = 0
+    target_calls: int = 0  # prefill included
+    decode_calls: int = 0  # one-token forwards
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0  # one-token forwards only: the per-token target cost
+    total_seconds: float = 0.0
+
+    def merge(self, other: PlainStats) -> None:
+        """Add another run's counts and seconds to these."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain numbers for JSON reports."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass
+class DecodeResult:
+    """New tokens per prompt (the EOS token included when one ended the answer) and the run's stats."""
+
+    tokens: list[list[int]]
+    stats: Any = field(default=None)
+
+
+def _take(out: list[int], new: list[int], max_new_tokens: int, eos: Collection[int]) -> bool:
+    """Append `new` to a row's output, cut at the first EOS or at `max_new_tokens`; True when finished."""
+    for tok in new:
+        if len(out) >= max_new_tokens:
+            return True
+        out.append(tok)
+        if tok in eos:
+            return True
+    return len(out) >= max_new_tokens
+
+
+def draw(probs: torch.Tensor, spec: SamplingSpec, generator: torch.Generator | None) -> torch.Tensor:
+    """`sample_from`, with the greedy case as an arg-max: the same token (a one-hot row has one id of
+    non-zero mass), without a multinomial draw over the whole vocabulary on every draft step."""
+    return probs.argmax(-1) if spec.greedy else sample_from(probs, generator)
+
+
+def _check(prompts: list[list[int]], max_new_tokens: int) -> None:
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def generate_plain(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    spec: SamplingSpec,
+    max_new_tokens: int,
+    *,
+    eos_ids: Collection[int] = (),
+    generator: torch.Generator | None = None,
+    vocab: int | None = None,
+) -> DecodeResult:
+    """Target-only decoding with a K/V cache, sampled with the same code as the speculative sampler: the
+    baseline its speed-up is measured against. Stops a row at an EOS id or `max_new_tokens`."""
+    _check(prompts, max_new_tokens)
+    start = time.perf_counter()
+    stats = PlainStats()
+    outs: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens == 0:
+        return DecodeResult(outs, stats)
+    stream = KVStream(model, len(prompts), vocab)
+    ids, valid = left_pad(prompts)
+    logits = stream.forward(ids.to(stream.device), valid.to(stream.device), keep=1)
+    stats.prefill_seconds = stream.seconds
+    rows = list(range(len(prompts)))
+    while True:
+        toks = draw(next_token_probs(logits[:, -1], spec), spec, generator)
+        done = [
+            _take(outs[r], [int(t)], max_new_tokens, eos_ids)
+            for r, t in zip(rows, toks.tolist(), strict=True)
+        ]
+        if any(done):
+            keep = [j for j, d in enumerate(done) if not d]
+            if not keep:
+                break
+            stream.select_rows(torch.tensor(keep))
+            rows, toks = [rows[j] for j in keep], toks[torch.tensor(keep, device=toks.device)]
+        ones = torch.ones(len(rows), 1, dtype=torch.bool, device=stream.device)
+        logits = stream.forward(toks[:, None], ones, keep=1)
+        stats.decode_calls += 1
+    stats.target_calls = stream.calls
+    stats.decode_seconds = stream.seconds - stats.prefill_seconds
+    stats.new_tokens = sum(len(o) for o in outs)
+    stats.total_seconds = time.perf_counter() - start
+    return DecodeResult(outs, stats)
+
+
+def accept_drafts(
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lossless accept/reject step of one round, row by row.
+
+    p (R, g+1, V): target probabilities at the g draft positions and after them; q (R, g, V): draft
+    probabilities the drafts (R, g) were sampled from. Returns (accepted count n per row, the next token
+    per row): drafts 0..n-1 kept, then a token from norm(max(0, p - q)) at position n, which is p itself
+    when all g were kept (q is taken as 0 past the drafts)."""
+    rows, g = drafts.shape
+    if g:
+        p_x = p[:, :g].gather(-1, drafts[..., None]).squeeze(-1)
+        q_x = q.gather(-1, drafts[..., None]).squeeze(-1)
+        r = torch.rand(rows, g, generator=generator, device=p.device)
+        kept = r * q_x < p_x  # P(kept) = min(1, p/q); q_x > 0 since x was drawn from q
+        n = kept.long().cumprod(-1).sum(-1)
+    else:
+        n = torch.zeros(rows, dtype=torch.long, device=p.device)
+    q_ext = torch.cat([q, torch.zeros_like(p[:, :1])], dim=1)
+    at = n[:, None, None].expand(rows, 1, p.shape[-1])
+    p_n, q_n = p.gather(1, at).squeeze(1), q_ext.gather(1, at).squeeze(1)
+    residual = (p_n - q_n).clamp_min(0.0)
+    mass = residual.sum(-1, keepdim=True)
+    # a rejection implies p(x) < q(x), hence positive residual mass; the guard only catches round-off
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_n)
+    return n, sample_from(residual, generator)
+
+
+def _next_gamma(gamma: int, accepted: list[int], round_gamma: int, gamma_max: int) -> int:
+    """Adaptive gamma: one more after a round every row accepted fully, one fewer when rows on average
+    rejected in the first half of their drafts."""
+    mean = sum(accepted) / len(accepted)
+    if round_gamma and all(n == round_gamma for n in accepted):
+        return min(gamma + 1, gamma_max)
+    if mean < round_gamma / 2:
+        return max(gamma - 1, 1)
+    return gamma
+
+
+def generate_speculative(
+    target: PreTrainedModel,
+    draft: PreTrainedModel,
+    prompts: list[list[int]],
+    spec: SamplingSpec,
+    max_new_tokens: int,
+    *,
+    gamma: int = 4,
+    eos_ids: Collection[int] = (),
+    generator: torch.Generator | None = None,
+    adaptive: bool = False,
+    gamma_max: int | None = None,
+    vocab: int | None = None,
+) -> DecodeResult:
+    """Speculative decoding of `prompts` (token ids, any lengths): the same distribution as
+    `generate_plain` on the target, with fewer target forwards when the draft agrees with it.
+
+    `adaptive` moves gamma within [1, gamma_max] (default 2 * gamma) after each round. `vocab` cuts both
+    models' logits to the shared tokenizer's size (heads padded past it). Returns the new tokens per
+    prompt and `SpeculativeStats`."""
+    _check(prompts, max_new_tokens)
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    gamma_max = gamma_max if gamma_max is not None else (2 * gamma if adaptive else gamma)
+    start = time.perf_counter()
+    stats = SpeculativeStats()
+    outs: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens == 0:
+        return DecodeResult(outs, stats)
+    tgt, drf = KVStream(target, len(prompts), vocab), KVStream(draft, len(prompts), vocab)
+    ids, valid = left_pad([p[:-1] for p in prompts])
+    if ids.shape[1]:  # everything but the last prompt token, which each round feeds
+        for stream in (tgt, drf):
+            stream.forward(ids.to(stream.device), valid.to(stream.device), keep=1)
+    for stream in (tgt, drf):
+        stream.pending = [[p[-1]] for p in prompts]
+    stats.prefill_seconds, draft_prefill = tgt.seconds + drf.seconds, drf.seconds
+    rows = list(range(len(prompts)))
+    current = min(gamma, gamma_max)
+    while rows:
+        g = max(0, min(current, max(max_new_tokens - len(outs[r]) for r in rows) - 1))
+        t0 = time.perf_counter()
+        d_start, d_width = drf.slots, max(len(p) for p in drf.pending)
+        qs: list[torch.Tensor] = []
+        xs: list[torch.Tensor] = []
+        if g:
+            logits = drf.feed_pending(keep=1)
+            ones = torch.ones(len(rows), 1, dtype=torch.bool, device=drf.device)
+            for i in range(g):
+                if i:
+                    logits = drf.forward(xs[-1][:, None], ones, keep=1)
+                qs.append(next_token_probs(logits[:, -1], spec))
+                xs.append(draw(qs[-1], spec, generator))
+                stats.draft_step_calls += 1
+        sync(drf.device)
+        t1 = time.perf_counter()
+        stats.draft_seconds += t1 - t0
+        t_start, t_width = tgt.slots, max(len(p) for p in tgt.pending)
+        drafts = torch.stack(xs, 1).to(tgt.device) if g else torch.zeros(len(rows), 0, dtype=torch.long)
+        p = next_token_probs(tgt.feed_pending(keep=g + 1, extra=drafts.to(tgt.device)), spec)
+        q = torch.stack(qs, 1).to(p.device) if g else p[:, :0]
+        n, nxt = accept_drafts(p, q, drafts.to(p.device), generator)
+        stats.verify_calls += 1
+        stats.verify_seconds += time.perf_counter() - t1
+        tgt.keep_new(t_start, n, first=t_width)
+        if g:
+            drf.keep_new(d_start, n.clamp(max=g - 1), first=d_width)
+        accepted, finished = n.tolist(), []
+        drafted, nxt_list = drafts.tolist(), nxt.tolist()
+        produced = 0
+        for j, r in enumerate(rows):
+            k, c = accepted[j], nxt_list[j]
+            tgt.pending[j] = [c]
+            if not g:
+                drf.pending[j] = [*drf.pending[j], c]
+            else:
+                drf.pending[j] = [drafted[j][g - 1], c] if k == g else [c]
+            before = len(outs[r])
+            if _take(outs[r], [*drafted[j][:k], c], max_new_tokens, eos_ids):
+                finished.append(j)
+            produced += len(outs[r]) - before
+        stats.record_round(g, accepted, produced)
+        if adaptive:
+            current = _next_gamma(current, accepted, g, gamma_max)
+        if finished:
+            keep = [j for j in range(len(rows)) if j not in set(finished)]
+            if not keep:
+                break
+            for stream in (tgt, drf):
+                stream.select_rows(torch.tensor(keep))
+            rows = [rows[j] for j in keep]
+    stats.target_calls, stats.draft_calls = tgt.calls, drf.calls
+    stats.draft_forward_seconds = drf.seconds - draft_prefill
+    stats.total_seconds = time.perf_counter() - start
+    return DecodeResult(outs, stats)
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: Any = None) -> set[int]:
+    """End ids a decoder stops at: the tokenizer's EOS and the model's generation config's (one or a list)."""
+    ids: set[int] = set()
+    for source in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(model.generation_config, "eos_token_id", None),
+    ):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list | tuple):
+            ids.update(int(i) for i in source)
+    return ids
