@@ -18,7 +18,7 @@ from distill.configs.on_policy import DrafterConfig, MiniLLMConfig, OnPolicyConf
 from distill.data.batching import IGNORE, Batch, collate
 from distill.data.tokenize import TokenizedExample
 from distill.errors import CompatibilityError
-from distill.generation.engine import GenerationStats, Mixer, generate_tokens
+from distill.generation.engine import Mixer, generate_tokens
 from distill.generation.sampling import SamplingSpec
 from distill.losses.tokens import divergence_per_token
 from distill.methods.base import METHODS, Phase, StepContext
@@ -73,7 +73,6 @@ class OnPolicyKD(LogitKD):
         super().__init__(cfg, ctx)  # type: ignore[arg-type]
         self.sampling = SamplingSpec(cfg.sample.temperature, cfg.sample.top_p, cfg.sample.top_k)
         self.rng = torch.Generator().manual_seed(1_000_003 * ctx.seed + 17)
-        self.gen_stats = GenerationStats()
         tokenizer = ctx.tokenizer
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         eos = eos if eos is not None else ctx.student.config.eos_token_id
@@ -111,7 +110,6 @@ class OnPolicyKD(LogitKD):
             pad_id=self.pad_id,
             batch_size=len(prompts),
             generator=self.rng,
-            stats=self.gen_stats,
             mixer=mixer,
         )
         student.train(was_training)
