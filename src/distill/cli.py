@@ -240,6 +240,26 @@ def generate(
 
 
 @app.command()
+def factory(recipe: str, set_: SetOpt = None) -> None:
+    """Run (or resume) the recipe's data factory alone: teacher samples, verified, deduplicated, filtered;
+    prints the funnel per task."""
+    from distill.recipe import lm_recipe, load_recipe
+    from distill.stages import run_factory_stage
+
+    r = lm_recipe(load_recipe(recipe, set_), "factory")
+    progress = RichProgress()
+    try:
+        folder, rows = run_factory_stage(r, progress)
+    finally:
+        progress.finish()
+    table = Table("task", *[k for k in rows[0] if k != "task"])
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    out.print(table)
+    out.print(f"wrote {folder}")
+
+
+@app.command()
 def cache(recipe: str, set_: SetOpt = None) -> None:
     """Run the teacher once over the training data and store its top-k log-probs (resumable)."""
     from distill.recipe import lm_recipe, load_recipe
@@ -298,7 +318,13 @@ def sample(
 @app.command()
 def speculate(
     target: Annotated[str, typer.Option("--target", help="Target: HF folder, .gguf file or pkg:NAME.")],
-    draft: Annotated[str, typer.Option("--draft", help="Draft model with the target's tokenizer.")],
+    draft: Annotated[
+        str,
+        typer.Option(
+            "--draft",
+            help="Draft model with the target's tokenizer, or a feature-drafter folder (drafter.json).",
+        ),
+    ],
     prompts: Annotated[str, typer.Option("--prompts", help="JSONL with a 'prompt' field.")],
     gamma: Annotated[int, typer.Option("--gamma", help="Draft tokens per round.")] = 4,
     temperature: Annotated[float, typer.Option("--temperature", help="0: greedy.")] = 0.0,

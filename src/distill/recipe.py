@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from distill.configs import METHOD_CONFIGS
 from distill.configs.base import MethodConfigBase
+from distill.configs.factory import FactoryConfig
 from distill.configs.lm import Divergence, LogitKDConfig, SeqKDConfig, SFTConfig, tokenizer_misfit
 from distill.configs.lm_sections import (
     CacheConfig,
@@ -94,6 +95,21 @@ class Recipe(RecipeBase):
     baselines: list[MethodConfig] = Field(default_factory=list)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    factory: FactoryConfig | None = None  # the teacher writes, verifiers filter: the training data
+
+    @model_validator(mode="after")
+    def _data_source(self) -> Recipe:
+        if self.factory is None and self.data.train is None:
+            raise ValueError("data.train: required (or a factory section that makes the training data)")
+        if self.factory is not None and self.data.train is not None:
+            raise ValueError("data.train: the factory section makes the training data; drop data.train")
+        if self.factory is not None and self.data.generate is not None:
+            raise ValueError(
+                "data.generate: the factory section generates the teacher's answers; drop data.generate"
+            )
+        if self.factory is not None and self.teacher is None:
+            raise ValueError("factory: needs a teacher section (the model that writes the answers)")
+        return self
 
     @model_validator(mode="after")
     def _prune_source(self) -> Recipe:
@@ -152,6 +168,14 @@ def preflight(recipe: Recipe) -> None:
         ):
             raise InputError(f"{field}.path: data file not found: {resolve_path(data_file.path)}")
     sources = [(f"teacher.{name}", src) for name, src in teacher_sources(recipe.teacher)]
+    for field, m in zip(recipe.method_fields(), recipe.methods(), strict=True):
+        reference = getattr(m, "reference", None)
+        if isinstance(reference, ModelConfig):
+            sources.append((f"{field}.reference", reference))
+    if recipe.factory is not None and recipe.factory.prompts is not None:
+        prompts = resolve_path(recipe.factory.prompts)
+        if not probe_path("factory.prompts", prompts, Path.is_file):
+            raise InputError(f"factory.prompts: prompt file not found: {prompts}")
     if recipe.student.model is not None:
         sources.append(("student.model", recipe.student.model))
     for field, source in sources:

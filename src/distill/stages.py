@@ -155,3 +155,20 @@ def prune_to_folder(recipe: Recipe, folder: Path, progress: Progress) -> dict[st
     if prep.teacher is not None:
         prep.teacher.close()
     return prep.student_info
+
+
+def run_factory_stage(recipe: Recipe, progress: Progress) -> tuple[Path, list[dict[str, Any]]]:
+    """`distill factory`: the data factory alone (resumable), without training; its folder and funnel."""
+    from distill.families.lm_reason import run_recipe_factory
+    from distill.reasoning.views import funnel_rows
+
+    if recipe.factory is None:
+        raise RecipeError("factory: this recipe has no factory section")
+    preflight(recipe)
+    assert recipe.teacher is not None
+    teacher = open_teacher(recipe.teacher, need_weights=recipe.teacher.kind != "served")
+    try:
+        out = run_recipe_factory(recipe, teacher, progress)
+    finally:
+        teacher.close()
+    return out.folder, funnel_rows(out.manifest)

@@ -92,3 +92,26 @@ def test_sampling_is_reproducible_and_respects_top_k() -> None:
     c = generate_tokens(model, prompts, hot, 10, EOS, pad_id=0, generator=torch.Generator().manual_seed(2))
     assert [g.tokens for g in a] == [g.tokens for g in b]
     assert [g.tokens for g in a] != [g.tokens for g in c]
+
+
+def test_stats_time_prefill_and_decode_and_plain_decoding_reads_them() -> None:
+    """The speculative baseline (`generate_plain`) is the engine: its counts and seconds come from the
+    engine's stats, and `vocab` keeps every token inside the tokenizer's ids."""
+    from distill.generation.speculative import generate_plain
+
+    model = lively_llama(seed=7)
+    prompt = _prompts(1, seed=4)[0]
+    stats = GenerationStats()
+    [row] = generate_tokens(model, [prompt], SamplingSpec(0.0), 9, [], pad_id=0, stats=stats)
+    assert len(row.tokens) == 9 == stats.new_tokens
+    assert stats.decode_calls == 8 and stats.forward_calls == 9
+    assert stats.prefill_seconds > 0 and stats.decode_seconds > 0
+    plain = generate_plain(model, [prompt], SamplingSpec(0.0), 9)
+    assert plain.tokens == [row.tokens]
+    s = plain.stats
+    assert (s.new_tokens, s.target_calls, s.decode_calls) == (9, 9, 8)
+    assert 0 < s.prefill_seconds + s.decode_seconds <= s.total_seconds
+    cut = generate_tokens(model, _prompts(4), SamplingSpec(1.0), 12, [], pad_id=0, vocab=20,
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert all(t < 20 for r in cut for t in r.tokens)
+    assert generate_tokens(model, [prompt], SamplingSpec(0.0), 0, [], pad_id=0)[0].tokens == []

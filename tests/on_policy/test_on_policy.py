@@ -97,7 +97,7 @@ def test_drafter_selection_keeps_the_lowest_divergence_tokens() -> None:
     ctx_modules = {"student": method.body}
     rows = method.student_rows(_ctx(ctx_modules, batch), batch)
     signal = teacher.signal(batch, rows.select)
-    keep, kept = method._easiest(rows, signal, 0.25)
+    keep, kept = method._select_tokens(rows, signal, 0.25, batch)
     n = rows.hidden.shape[0]
     assert len(keep) == n - int(0.25 * n) and kept.num_rows == len(keep)
     logits = (rows.hidden @ rows.weight.T).detach()

@@ -510,7 +510,9 @@ def smol_hf_dir(smol_live: Any, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 class VllmServer:
-    def __init__(self, python: Path, model_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self, python: Path, model_dir: Path, log_path: Path, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = log_path
@@ -525,7 +527,7 @@ class VllmServer:
             str(python), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir), "--served-model-name", "smol",
             "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--max-logprobs", "64",
-            "--host", "127.0.0.1", "--port", str(self.port),
+            "--host", "127.0.0.1", "--port", str(self.port), *extra_args,
         ]  # fmt: skip
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(

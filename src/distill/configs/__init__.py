@@ -1,6 +1,6 @@
 """Recipe sections, torch-free. Importing this package registers every family's method configs."""
 
-from distill.configs import classifier, condense, diffusion, embed, lm, on_policy
+from distill.configs import classifier, condense, diffusion, embed, feature_drafter, lm, on_policy, reasoning
 from distill.configs.base import METHOD_CONFIGS, MethodConfigBase, Strict
 
 __all__ = [
@@ -11,6 +11,8 @@ __all__ = [
     "condense",
     "diffusion",
     "embed",
+    "feature_drafter",
     "lm",
     "on_policy",
+    "reasoning",
 ]

@@ -109,7 +109,7 @@ class GenerateConfig(Strict):
 
 
 class DataConfig(Strict):
-    train: DataFileConfig
+    train: DataFileConfig | None = None  # required, unless a `factory` section makes the training data
     eval: DataFileConfig | None = None
     generate: GenerateConfig | None = None
     system_prompt: str | None = None

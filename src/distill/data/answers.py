@@ -84,7 +84,7 @@ def generated_path(recipe: Recipe, teacher_ident: str, split: str, examples: lis
 
 def stored_train_answers(recipe: Recipe) -> Path | None:
     """The stored teacher answers to the recipe's training prompts, if a run has made them (benchmarks)."""
-    if recipe.data.generate is None or recipe.teacher is None:
+    if recipe.data.generate is None or recipe.teacher is None or recipe.data.train is None:
         return None
     prompts = read_examples(recipe.data.train.path, recipe.data.train.limit)
     path = generated_path(recipe, teacher_ident(recipe.teacher), "train", prompts)

@@ -21,7 +21,7 @@ from typing import Any
 
 from distill.eval.report_classes import CLASS_PLOT, plot_per_class
 from distill.eval.report_columns import declared_columns
-from distill.eval.report_doc import Doc, render_markdown
+from distill.eval.report_doc import Doc, Table, render_markdown
 from distill.eval.report_format import as_dict, as_float, fmt_count, fmt_int
 from distill.eval.report_html import render_html
 from distill.eval.report_plots import plot_kl_by_position, plot_loss_curves
@@ -136,12 +136,27 @@ def _results(doc: Doc, summary: dict[str, Any], names: list[str]) -> None:
         doc.add("table", per_seed)
 
 
+def _sections(doc: Doc, summary: dict[str, Any]) -> None:
+    """A family's own sections (e.g. the reasoning data factory's funnel): {title, text, headers, rows},
+    cells already formatted."""
+    for section in summary.get("sections") or []:
+        entry = as_dict(section)
+        doc.add("h2", str(entry.get("title", "")))
+        if entry.get("text"):
+            doc.add("p", str(entry["text"]))
+        headers = [str(h) for h in entry.get("headers") or []]
+        rows = [[str(c) for c in row] for row in entry.get("rows") or []]
+        if headers:
+            doc.add("table", Table(headers, rows, ["l"] + ["r"] * (len(headers) - 1)))
+
+
 def _build(run_dir: Path, summary: dict[str, Any], recipe_yaml: str, plots: dict[str, str]) -> Doc:
     doc = Doc()
     names = method_order(summary)
     doc.add("h1", f"Distillation report: {summary.get('name') or run_dir.name}")
     doc.add("p", _intro(summary, names))
     _results(doc, summary, names)
+    _sections(doc, summary)
 
     doc.add("h2", "Training")
     doc.add(

@@ -16,17 +16,21 @@ from distill.data.cross_tokenizer import CrossBatchStream, PairedExample
 from distill.eval.bits_per_byte import evaluate_bits_per_byte
 from distill.eval.metrics import evaluate
 from distill.eval.own_samples import own_sample_columns, own_sample_metrics
-from distill.families import lm_cross
+from distill.families import lm_cross, lm_reason
 from distill.families.base import FAMILIES, Family
 from distill.families.lm_prepare import Prepared, prepare
-from distill.methods.base import METHODS, Method
+from distill.methods.base import METHODS, Method, Stream
 from distill.methods.lm import (  # noqa: F401 - registers the LM methods
     cross_entropy,
     cross_tokenizer_kd,
+    feature_drafter,
     logit_kd,
     minillm,
     on_policy,
+    pairwise,
     representation_kd,
+    step_by_step,
+    trace_sft,
 )
 from distill.methods.lm.base import LMContext, LMMethod
 from distill.progress import Progress
@@ -63,12 +67,26 @@ class LMFamily(Family):
             layer_origin=self.prep.student_info.get("kept_layers"),
             kept_channels=self.prep.kept_channels,
             seed=seed,
+            train=self.prep.train,
         )
         method: Method = METHODS.get(cfg.name)(cfg, ctx)  # type: ignore[call-arg]
+        if hasattr(method, "set_total_steps"):  # schedules over the run (DistiLLM's replay)
+            method.set_total_steps(self.recipe.train.steps)
         return method
 
-    def make_stream(self, method: Method, seed: int) -> BatchStream:
+    def make_stream(self, method: Method, seed: int) -> Stream:
         data = self.recipe.data
+        if self.prep.factory is not None:
+            assert isinstance(method, LMMethod)
+            return lm_reason.view_stream(
+                self.recipe,
+                self.prep.factory,
+                method.cfg,
+                self.prep.tokenizer,
+                self.prep.train,
+                self.prep.pad_id,
+                seed,
+            )
         if self.prep.cross:
             pairs = [p for p in self.prep.train if isinstance(p, PairedExample)]
             return CrossBatchStream(
@@ -91,7 +109,7 @@ class LMFamily(Family):
         )
 
     def evaluate(self, method: Method | None, progress: Progress) -> dict[str, Any] | None:
-        if not self.prep.eval:
+        if not self.prep.eval and not self.prep.heldout:
             return None
         if method is None:
             model = self.prep.student
@@ -100,6 +118,11 @@ class LMFamily(Family):
             model = method.eval_model()
         assert model is not None
         model.to(self.device)
+        if self.prep.heldout:
+            cfg = method.cfg if isinstance(method, LMMethod) else None
+            return lm_reason.evaluate_accuracy(
+                self.recipe, model, self.prep.tokenizer, self.prep.heldout, cfg, progress
+            )
         if self.exact is not None:
             self.exact.model.to(self.device)
         if self.prep.cross:
@@ -124,6 +147,7 @@ class LMFamily(Family):
             buckets=self.recipe.eval.position_buckets,
             chunk_size=self.recipe.train.chunk_size,
             progress=progress,
+            teacher_memo=self.teacher_memo,
         )
         own = self.recipe.eval.own_samples
         if own is not None and self.exact is not None:
@@ -145,6 +169,8 @@ class LMFamily(Family):
         return dict(self.prep.timing)
 
     def result_columns(self) -> list[dict[str, str]]:
+        if self.prep.heldout:
+            return lm_reason.result_columns(self.prep.heldout)
         if self.prep.cross:
             return lm_cross.result_columns(self.exact is not None)
         if self.recipe.eval.own_samples is not None and self.exact is not None:
@@ -152,6 +178,8 @@ class LMFamily(Family):
         return []
 
     def results_note(self) -> str:
+        if self.prep.heldout:
+            return lm_reason.results_note(self.recipe, self.prep.heldout)
         if self.prep.cross:
             return lm_cross.results_note(len(self.prep.eval), self.exact is not None)
         own = self.recipe.eval.own_samples
@@ -165,13 +193,18 @@ class LMFamily(Family):
 
     def describe(self) -> dict[str, Any]:
         prep = self.prep
+        extra: dict[str, Any] = {}
+        if prep.factory is not None:
+            extra["sections"] = lm_reason.factory_sections(prep.factory)
+            extra["factory"] = {k: prep.factory.manifest.get(k) for k in ("funnel", "drops", "contamination")}
         return {
+            **extra,
             "teacher": f"{prep.teacher.kind}: {prep.teacher.ident}" if prep.teacher else None,
             "student": prep.student_info,
             "data": {
                 "train_examples": len(prep.train),
                 "train_dropped": prep.dropped,
-                "eval_examples": len(prep.eval),
+                "eval_examples": len(prep.eval) or len(prep.heldout),
                 "train_answer_tokens": sum(t.num_loss_tokens for t in prep.train),
                 "eval_answer_tokens": sum(t.num_loss_tokens for t in prep.eval),
             },

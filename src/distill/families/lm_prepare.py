@@ -46,6 +46,8 @@ class Prepared:
     cross: bool = False  # the student's tokenizer differs from the teacher's: examples are PairedExample
     teacher_vocab: int = 0  # the teacher's own vocabulary (== vocab unless cross)
     teacher_pad_id: int = 0
+    factory: Any = None  # the reasoning data factory's output (FactoryOutput) when the recipe has one
+    heldout: list[Example] = field(default_factory=list)  # the factory's held-out task prompts
 
 
 def prepare(
@@ -66,7 +68,10 @@ def prepare(
         need_weights = (
             recipe.student.init == "prune"
             or (with_eval and recipe.data.eval is not None)
-            or (recipe.data.generate is not None and recipe.teacher.kind != "served")
+            or (
+                (recipe.data.generate is not None or recipe.factory is not None)
+                and recipe.teacher.kind != "served"
+            )
         )
         teacher = open_teacher(recipe.teacher, need_weights=need_weights)
     timing["load_teacher_s"] = time.perf_counter() - t0
@@ -80,7 +85,18 @@ def prepare(
     if with_student and not calibrated:
         student, info = build_student(recipe.student, teacher.model if teacher else None, seed=recipe.seed)
 
-    train_examples = read_examples(recipe.data.train.path, recipe.data.train.limit)
+    factory_out = None
+    if recipe.factory is not None:  # the teacher writes, verifiers filter: the kept traces are the data
+        from distill.families.lm_reason import run_recipe_factory
+        from distill.reasoning.views import verified_examples
+
+        t0 = time.perf_counter()
+        factory_out = run_recipe_factory(recipe, teacher, progress)
+        timing["factory_s"] = time.perf_counter() - t0
+        train_examples = verified_examples(factory_out)
+    else:
+        assert recipe.data.train is not None
+        train_examples = read_examples(recipe.data.train.path, recipe.data.train.limit)
     eval_examples: list[Example] = []
     if with_eval and recipe.data.eval is not None:
         eval_examples = read_examples(recipe.data.eval.path, recipe.data.eval.limit)
@@ -107,6 +123,10 @@ def prepare(
     else:
         raise RecipeError("student: without a teacher, init must be 'pretrained' (a tokenizer is needed)")
     if teacher is not None and lm_cross.differ(teacher.tokenizer, tokenizer):
+        if factory_out is not None:
+            raise RecipeError(
+                "student.tokenizer: a factory recipe trains on the teacher's tokenizer; drop it"
+            )
         built = (student, info, with_student and calibrated)
         return _prepare_cross(recipe, teacher, tokenizer, built, train_examples, eval_examples, timing)
     if teacher is not None:
@@ -129,7 +149,8 @@ def prepare(
         prompts_only=prompts_only,
     )
     if not train_tok:
-        raise InputError(f"{recipe.data.train.path}: no usable training examples (all {dropped} dropped)")
+        source = factory_out.folder if factory_out is not None else recipe.data.train.path  # type: ignore[union-attr]
+        raise InputError(f"{source}: no usable training examples (all {dropped} dropped)")
     if with_student and calibrated:  # ranks by activations on the training text, answers included
         assert prune is not None and teacher is not None
         calibration = calibration_texts(recipe, prune.calibration, tokenizer, train_tok)
@@ -138,6 +159,11 @@ def prepare(
         tokenizer, eval_examples, recipe.data.max_length, recipe.data.system_prompt
     )
     kept = info.pop("kept_channels", None)
+    heldout: list[Example] = []
+    if factory_out is not None:
+        from distill.reasoning.views import heldout_examples
+
+        heldout = heldout_examples(factory_out)
     return Prepared(
         teacher,
         tokenizer,
@@ -151,6 +177,8 @@ def prepare(
         kept,
         timing,
         teacher_vocab=vocab,
+        factory=factory_out,
+        heldout=heldout,
     )
 
 
@@ -175,7 +203,9 @@ def _prepare_cross(
         tokenizer, teacher.tokenizer, train_examples, d.max_length, d.system_prompt
     )
     if not train:
-        raise InputError(f"{d.train.path}: no usable training examples (all {dropped} dropped)")
+        raise InputError(
+            f"{d.train.path if d.train else 'data'}: no usable training examples (all {dropped} dropped)"
+        )
     heldout, _ = pair_examples(tokenizer, teacher.tokenizer, eval_examples, d.max_length, d.system_prompt)
     student, info, calibrate = built
     if calibrate:  # ranked pruning, calibrated on the teacher's tokens of the training text

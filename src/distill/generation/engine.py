@@ -10,11 +10,15 @@ savings over a plain `generate` loop:
 Layout of a batch: [shared prefix][left padding][rest of the prompt], with explicit position ids, so each
 row's tokens sit at the positions a plain forward over that row alone gives them. Greedy output equals HF
 `generate` on the same prompts (tested), up to float rounding in near-ties between two tokens.
+
+`GenerationStats` also times the forwards (device-synchronised), prompt passes apart from one-token decode
+steps, so the target-only baseline of speculative decoding measures this same loop.
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +50,17 @@ class Mixer:
 class GenerationStats:
     prefix_tokens_saved: int = 0  # prompt tokens not run because a shared prefix ran once
     row_steps_saved: int = 0  # decode (row, step) slots not run because the row had finished
-    forward_calls: int = 0
+    forward_calls: int = 0  # prompt passes included
+    decode_calls: int = 0  # one-token forwards
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0  # forwards over prompt tokens (shared prefix included)
+    decode_seconds: float = 0.0  # one-token forwards only: the per-token cost of the model
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings charge each forward to the phase that ran it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def cache_keyword(model: Any) -> str:
@@ -84,11 +98,15 @@ def generate_tokens(
     progress: Progress | None = None,
     label: str = "generating",
     mixer: Mixer | None = None,
+    vocab: int | None = None,
 ) -> list[Generated]:
     """New tokens for every prompt (in prompt order). Prompts are batched by length so rows pad little;
-    `generator` makes sampling reproducible (draws happen in batch order)."""
+    `generator` makes sampling reproducible (draws happen in batch order). `vocab` cuts the model's
+    logits to the tokenizer's size (heads padded past it)."""
     progress = progress or NullProgress()
     stats = stats if stats is not None else GenerationStats()
+    if max_new_tokens <= 0:
+        return [Generated(tokens=[], finished=False) for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Generated | None] = [None] * len(prompts)
     progress.start(label, len(prompts))
@@ -106,9 +124,11 @@ def generate_tokens(
             min_prefix=min_prefix,
             stats=stats,
             mixer=mixer,
+            vocab=vocab,
         )
         for i, row in zip(idx, rows, strict=True):
             out[i] = row
+            stats.new_tokens += len(row.tokens)
         progress.advance(len(idx))
     progress.finish()
     return [r for r in out if r is not None]
@@ -127,12 +147,14 @@ def _generate_batch(
     min_prefix: int,
     stats: GenerationStats,
     mixer: Mixer | None,
+    vocab: int | None,
 ) -> list[Generated]:
     device = next(model.parameters()).device
     bsz = len(prompts)
     if prefix_len < min_prefix or bsz < 2:
         prefix_len = 0
-    runners = [_Runner(model)] + ([_Runner(mixer.other)] if mixer is not None else [])
+    runners = [_Runner(model, vocab)] + ([_Runner(mixer.other, None)] if mixer is not None else [])
+    started = time.perf_counter()
     if prefix_len:
         prefix = torch.tensor([prompts[0][:prefix_len]], device=device)
         for runner in runners:
@@ -153,6 +175,8 @@ def _generate_batch(
         pos[b, width - n :] = torch.arange(prefix_len, prefix_len + n)
     ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
     logits = [runner(input_ids=ids, attention_mask=mask, position_ids=pos) for runner in runners]
+    sync(device)
+    stats.prefill_seconds += time.perf_counter() - started
     stats.forward_calls += 1
     next_pos = pos[:, -1] + 1
     tokens: list[list[int]] = [[] for _ in range(bsz)]
@@ -179,26 +203,32 @@ def _generate_batch(
             mask, next_pos, new = mask[sel], next_pos[sel], new[sel]
             alive = [alive[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+        started = time.perf_counter()
         logits = [
             runner(input_ids=new[:, None], attention_mask=mask, position_ids=next_pos[:, None])
             for runner in runners
         ]
+        sync(device)
+        stats.decode_seconds += time.perf_counter() - started
         stats.forward_calls += 1
+        stats.decode_calls += 1
         next_pos = next_pos + 1
     return [Generated(tokens=t, finished=f) for t, f in zip(tokens, finished, strict=True)]
 
 
 class _Runner:
-    """One model and its K/V cache: each call runs new tokens and returns the last position's logits."""
+    """One model and its K/V cache: each call runs new tokens and returns the last position's logits
+    (cut to `vocab` ids when given)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, vocab: int | None) -> None:
         self.model = model
+        self.vocab = vocab
         self.keyword = cache_keyword(model)
         self.cache = DynamicCache(config=model.config)
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         out = self.model(**inputs, use_cache=True, logits_to_keep=1, **{self.keyword: self.cache})
-        logits: torch.Tensor = out.logits[:, -1]
+        logits: torch.Tensor = out.logits[:, -1, : self.vocab]
         return logits
 
 

@@ -11,6 +11,7 @@ the outputs were identical (they must be, up to float round-off flipping a near-
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,13 @@ from transformers import PreTrainedModel
 from distill.configs.teachers import ModelConfig
 from distill.errors import CompatibilityError, DistillError, InputError
 from distill.generation.sampling import SamplingSpec
-from distill.generation.speculative import PlainStats, eos_token_ids, generate_plain, generate_speculative
+from distill.generation.speculative import (
+    DecodeResult,
+    PlainStats,
+    eos_token_ids,
+    generate_plain,
+    generate_speculative,
+)
 from distill.generation.speculative_stats import SpeculativeStats, expected_speedup
 from distill.io import write_json_atomic
 from distill.paths import resolve_path
@@ -108,6 +115,31 @@ def load_pair(target: str, draft: str) -> tuple[Any, Any, int]:
     return loaded["--target"], loaded["--draft"], vocab
 
 
+def load_feature_pair(target: str, draft: Path) -> tuple[Any, Any, int]:
+    """The target, a feature drafter (a `feature_drafter` export: drafter.json + weights, rebuilt around
+    the target) and the vocabulary size; a drafter trained for another target is refused naming --draft."""
+    from distill.models.feature_drafter import load_drafter
+    from distill.models.loading import load_model
+
+    try:
+        tgt = load_model(model_source(target, "--target"))
+    except InputError as err:
+        raise InputError(f"--target: {err}") from None
+    drafter = load_drafter(draft, tgt.model, tgt.tokenizer, field="--draft")
+    return tgt, drafter, len(tgt.tokenizer)
+
+
+def is_feature_drafter(draft: str) -> Path | None:
+    """The folder of `draft` when it holds a feature drafter (drafter.json), else None."""
+    from distill.models.feature_drafter import is_drafter_folder
+
+    try:
+        path = resolve_path(draft)
+    except DistillError:
+        return None
+    return path if path.is_dir() and is_drafter_folder(path) else None
+
+
 def _generator(model: PreTrainedModel, seed: int) -> torch.Generator:
     return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
@@ -126,15 +158,15 @@ def measure(
     eos: set[int],
     vocab: int,
     progress: Progress,
+    decoder: Callable[..., DecodeResult] = generate_speculative,
 ) -> dict[str, Any]:
     """Decode every prompt target-only and speculatively (alternating per prompt), `repeats` times; the
-    numbers of the report. Prompt i is sampled with seed `seed + i` by both decoders in every repeat."""
+    numbers of the report. Prompt i is sampled with seed `seed + i` by both decoders in every repeat.
+    `decoder` is the speculative decoder (`generate_speculative`, or the feature drafter's)."""
     kwargs: dict[str, Any] = {"eos_ids": eos, "vocab": vocab}
     # warm-up: first calls pay one-time costs (allocations, kernels) that belong to neither decoder
     generate_plain(target, prompts[:1], spec, 4, generator=_generator(target, seed), **kwargs)
-    generate_speculative(
-        target, draft, prompts[:1], spec, 4, gamma=gamma, generator=_generator(target, seed), **kwargs
-    )
+    decoder(target, draft, prompts[:1], spec, 4, gamma=gamma, generator=_generator(target, seed), **kwargs)
     runs: list[dict[str, Any]] = []
     first: tuple[list[list[int]], list[list[int]], SpeculativeStats] | None = None
     progress.start("speculate", repeats * len(prompts))
@@ -145,7 +177,7 @@ def measure(
             a = generate_plain(
                 target, [ids], spec, max_new_tokens, generator=_generator(target, seed + i), **kwargs
             )
-            b = generate_speculative(
+            b = decoder(
                 target,
                 draft,
                 [ids],
@@ -243,12 +275,21 @@ def speculate(
         raise InputError(f"--prompts: file not found: {resolve_path(prompts)}")
     progress = progress or NullProgress()
     progress.log("loading target and draft")
-    tgt, drf, vocab = load_pair(target, draft)
+    feature_folder = is_feature_drafter(draft)
+    decoder: Callable[..., DecodeResult] = generate_speculative
+    if feature_folder is not None:
+        from distill.generation.feature_speculative import generate_feature_speculative
+
+        tgt, draft_model, vocab = load_feature_pair(target, feature_folder)
+        draft_source, decoder = str(feature_folder), generate_feature_speculative
+    else:
+        tgt, drf, vocab = load_pair(target, draft)
+        draft_model, draft_source = drf.model, drf.source
     ids = read_prompts(prompts, tgt.tokenizer, limit)
     spec = SamplingSpec(temperature=temperature, top_p=top_p)
     report = measure(
         tgt.model,
-        drf.model,
+        draft_model,
         ids,
         spec,
         gamma=gamma,
@@ -259,10 +300,13 @@ def speculate(
         eos=eos_token_ids(tgt.model, tgt.tokenizer),
         vocab=vocab,
         progress=progress,
+        decoder=decoder,
     )
     report["settings"] = {
         "target": tgt.source,
-        "draft": drf.source,
+        "draft": draft_source,
+        "draft_kind": "feature" if feature_folder is not None else "model",
+        "draft_vocab": getattr(draft_model, "draft_vocab", None),
         "gamma": gamma,
         "adaptive_gamma": adaptive,
         "temperature": temperature,
@@ -272,7 +316,7 @@ def speculate(
         "repeats": repeats,
         "threads": torch.get_num_threads(),
         "target_parameters": sum(p.numel() for p in tgt.model.parameters()),
-        "draft_parameters": sum(p.numel() for p in drf.model.parameters()),
+        "draft_parameters": sum(p.numel() for p in draft_model.parameters()),
     }
     if json_out is not None:
         write_json_atomic(json_out, report)
@@ -283,6 +327,13 @@ def _fmt(spread: dict[str, float], digits: int = 1, unit: str = "") -> str:
     return f"{spread['median']:.{digits}f}{unit} (min {spread['min']:.{digits}f}, max {spread['max']:.{digits}f})"
 
 
+def _draft_kind(settings: dict[str, Any]) -> str:
+    if settings.get("draft_kind") != "feature":
+        return ""
+    k = settings.get("draft_vocab")
+    return ", feature drafter" + (f" over {k} draft ids" if k else "")
+
+
 def report_lines(report: dict[str, Any]) -> list[str]:
     """The report for people, a few lines."""
     s = report["settings"]
@@ -291,7 +342,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     repeats = s["repeats"]
     lines = [
         f"target {s['target']} ({s['target_parameters'] / 1e6:.1f} M), "
-        f"draft {s['draft']} ({s['draft_parameters'] / 1e6:.1f} M)",
+        f"draft {s['draft']} ({s['draft_parameters'] / 1e6:.1f} M{_draft_kind(s)})",
         f"{report['prompts']} prompts, {sampling}, gamma {s['gamma']}{' adaptive' if s['adaptive_gamma'] else ''}"
         f" (mean {report['mean_gamma']:.2f}), max {s['max_new_tokens']} new tokens, {repeats} repeat(s)",
         f"acceptance alpha {report['alpha']:.3f} (of judged drafts {report['alpha_judged']:.3f}); "

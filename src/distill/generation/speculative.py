@@ -1,5 +1,5 @@
 """Lossless speculative decoding (Leviathan et al. 2023; Chen et al. 2023) and the target-only decoder it
-is measured against.
+is measured against (the project's generation engine, with its per-call timings).
 
 A small draft model proposes `gamma` tokens from its next-token distribution q; the target scores all
 gamma + 1 positions in one forward and gives p. Draft token i is kept with probability
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from distill.generation.engine import GenerationStats, generate_tokens
 from distill.generation.kv_stream import KVStream, left_pad, sync
 from distill.generation.sampling import SamplingSpec, next_token_probs, sample_from
 from distill.generation.speculative_stats import SpeculativeStats
@@ -95,39 +96,36 @@ def generate_plain(
     generator: torch.Generator | None = None,
     vocab: int | None = None,
 ) -> DecodeResult:
-    """Target-only decoding with a K/V cache, sampled with the same code as the speculative sampler: the
-    baseline its speed-up is measured against. Stops a row at an EOS id or `max_new_tokens`."""
+    """Target-only decoding: the project's generation engine (K/V cache, the same sampling code as the
+    speculative sampler), as one batch with no shared-prefix saving, so the baseline pays what the
+    speculative decoder pays for the prompt. Stops a row at an EOS id or `max_new_tokens`."""
     _check(prompts, max_new_tokens)
     start = time.perf_counter()
     stats = PlainStats()
-    outs: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens == 0:
-        return DecodeResult(outs, stats)
-    stream = KVStream(model, len(prompts), vocab)
-    ids, valid = left_pad(prompts)
-    logits = stream.forward(ids.to(stream.device), valid.to(stream.device), keep=1)
-    stats.prefill_seconds = stream.seconds
-    rows = list(range(len(prompts)))
-    while True:
-        toks = draw(next_token_probs(logits[:, -1], spec), spec, generator)
-        done = [
-            _take(outs[r], [int(t)], max_new_tokens, eos_ids)
-            for r, t in zip(rows, toks.tolist(), strict=True)
-        ]
-        if any(done):
-            keep = [j for j, d in enumerate(done) if not d]
-            if not keep:
-                break
-            stream.select_rows(torch.tensor(keep))
-            rows, toks = [rows[j] for j in keep], toks[torch.tensor(keep, device=toks.device)]
-        ones = torch.ones(len(rows), 1, dtype=torch.bool, device=stream.device)
-        logits = stream.forward(toks[:, None], ones, keep=1)
-        stats.decode_calls += 1
-    stats.target_calls = stream.calls
-    stats.decode_seconds = stream.seconds - stats.prefill_seconds
-    stats.new_tokens = sum(len(o) for o in outs)
+        return DecodeResult([[] for _ in prompts], stats)
+    run = GenerationStats()
+    rows = generate_tokens(
+        model,
+        prompts,
+        spec,
+        max_new_tokens,
+        list(eos_ids),
+        pad_id=0,
+        batch_size=len(prompts),
+        generator=generator,
+        use_shared_prefix=False,
+        stats=run,
+        vocab=vocab,
+    )
+    stats.new_tokens, stats.target_calls, stats.decode_calls = (
+        run.new_tokens,
+        run.forward_calls,
+        run.decode_calls,
+    )
+    stats.prefill_seconds, stats.decode_seconds = run.prefill_seconds, run.decode_seconds
     stats.total_seconds = time.perf_counter() - start
-    return DecodeResult(outs, stats)
+    return DecodeResult([r.tokens for r in rows], stats)
 
 
 def accept_drafts(

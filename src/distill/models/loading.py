@@ -155,3 +155,15 @@ def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fol
     with atomic_folder(Path(folder)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _drop_gguf_quantization(Path(tmp) / "config.json")
+
+
+def _drop_gguf_quantization(config_path: Path) -> None:
+    """A model loaded from a GGUF file keeps `quantization_config: {quant_method: gguf}` in its config,
+    but the saved weights are plain de-quantized tensors; left in, the key makes other tools (vLLM's
+    draft-model loader) refuse the folder."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
+        del config["quantization_config"]
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -51,6 +51,7 @@ class LMContext:
         None  # the teacher embedding channel each student channel was pruned from
     )
     seed: int = 0  # the run's seed (methods that sample draw from it)
+    train: list[Any] | None = None  # the tokenised training examples (a reduced draft vocabulary counts them)
 
 
 @dataclass
