@@ -114,7 +114,7 @@ def test_threshold_one_removes_only_identical_ngram_sets(texts: list[str], n: in
 
 
 def test_contamination_flags_copies_and_ignores_template_boilerplate() -> None:
-    items = make_tasks("strings", 60, seed=3)
+    items = make_tasks("units", 60, seed=3)
     prompts = list(dict.fromkeys(it.prompt for it in items))
     heldout, train = prompts[::5], [p for k, p in enumerate(prompts) if k % 5]
     train_grams = set().union(*(word_ngrams(p, 8) for p in train))
