@@ -16,7 +16,6 @@ from transformers import LlamaForCausalLM
 
 # registers the method config before distill.recipe builds its method union (until configs/__init__ does)
 import distill.configs.feature_drafter  # noqa: F401
-import distill.generation.feature_speculative as fs_mod
 from distill.configs.feature_drafter import FeatureDrafterConfig
 from distill.data.batching import collate
 from distill.data.tokenize import TokenizedExample
@@ -47,11 +46,10 @@ from tests.generation.test_speculative import (
     NEW,
     PROMPT,
     SAMPLES,
-    SIGNIFICANCE,
     VOCAB,
-    chi_square_p,
-    exact_distribution,
+    check_lossless,
     peaked_llama,
+    sequence_counts,
 )
 
 GREEDY = SamplingSpec(0.0)
@@ -220,37 +218,21 @@ def small_target() -> LlamaForCausalLM:
     return peaked_llama(VOCAB, 2, seed=0, scale=4.0)
 
 
-def feature_counts(target: LlamaForCausalLM, d2t: torch.Tensor | None, check_alpha: bool = True) -> dict:
-    torch.manual_seed(5)
-    drafter = build_drafter(target, VOCAB, d2t=d2t).eval()  # an untrained layer: drafts often rejected
-    gen = torch.Generator().manual_seed(1234)
-    res = generate_feature_speculative(target, drafter, [PROMPT] * SAMPLES, SamplingSpec(1.0), NEW, gamma=2,
-                                       generator=gen)  # fmt: skip
-    counts: dict[tuple[int, ...], int] = {}
-    for toks in res.tokens:
-        counts[tuple(toks)] = counts.get(tuple(toks), 0) + 1
-    if check_alpha:
-        assert 0.1 < res.stats.alpha < 0.9, res.stats.alpha
-    return counts
+@pytest.mark.parametrize(
+    ("d2t", "broken"),
+    [(None, False), (torch.tensor([0, 1, 3, 4, 6]), False), (None, True)],
+    ids=["full-vocab", "draft-vocab-5", "broken-sampler"],
+)
+def test_sampling_follows_the_target_distribution(small_target, d2t, broken: bool, monkeypatch) -> None:
+    def sample() -> dict[tuple[int, ...], int]:
+        torch.manual_seed(5)
+        drafter = build_drafter(small_target, VOCAB, d2t=d2t).eval()  # untrained: drafts often rejected
+        gen = torch.Generator().manual_seed(1234)
+        res = generate_feature_speculative(small_target, drafter, [PROMPT] * SAMPLES, SamplingSpec(1.0), NEW,
+                                           gamma=2, generator=gen)  # fmt: skip
+        return sequence_counts(res, None if broken else (0.1, 0.9))
 
-
-@pytest.mark.parametrize("d2t", [None, torch.tensor([0, 1, 3, 4, 6])], ids=["full-vocab", "draft-vocab-5"])
-def test_sampling_follows_the_target_distribution(small_target, d2t) -> None:
-    expected = exact_distribution(small_target, SamplingSpec(1.0))
-    p = chi_square_p(feature_counts(small_target, d2t), expected, SAMPLES)
-    assert p > SIGNIFICANCE, f"feature-speculative samples differ from the target's (p = {p:.2e})"
-
-
-def test_a_broken_sampler_is_caught(small_target, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same test fails when every draft is accepted (the drafter's distribution comes out)."""
-
-    def accept_all(p, q, drafts, generator=None):
-        n = torch.full((drafts.shape[0],), drafts.shape[1], dtype=torch.long)
-        return n, torch.multinomial(p[:, -1], 1, generator=generator).squeeze(-1)
-
-    monkeypatch.setattr(fs_mod, "accept_drafts", accept_all)
-    counts = feature_counts(small_target, None, check_alpha=False)
-    assert chi_square_p(counts, exact_distribution(small_target, SamplingSpec(1.0)), SAMPLES) < SIGNIFICANCE
+    check_lossless(sample, small_target, SamplingSpec(1.0), broken, monkeypatch)
 
 
 # --- bad input ------------------------------------------------------------------------------------------

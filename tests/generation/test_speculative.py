@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from transformers import LlamaForCausalLM
 import distill.generation.speculative as spec_mod
 from distill.generation.kv_stream import KVStream
 from distill.generation.sampling import SamplingSpec, next_token_probs
-from distill.generation.speculative import accept_drafts, generate_plain, generate_speculative
+from distill.generation.speculative import DecodeResult, accept_drafts, generate_plain, generate_speculative
 from tests.conftest import tiny_llama
 
 VOCAB = 8
@@ -73,48 +74,64 @@ def chi_square_p(counts: dict[tuple[int, ...], int], expected: dict[tuple[int, .
                                          torch.tensor(stat / 2.0, dtype=torch.float64)))  # fmt: skip
 
 
-def speculative_counts(
-    pair: tuple[LlamaForCausalLM, LlamaForCausalLM], spec: SamplingSpec, check_alpha: bool = True
-) -> dict:
-    target, draft = pair
-    gen = torch.Generator().manual_seed(1234)
-    res = generate_speculative(target, draft, [PROMPT] * SAMPLES, spec, NEW, gamma=2, generator=gen)
+def sequence_counts(
+    res: DecodeResult, alpha: tuple[float, float] | None = None
+) -> dict[tuple[int, ...], int]:
+    """How often each output sequence came out; with `alpha`, checks the acceptance rate lies strictly in
+    that range (both the accept and the reject path exercised)."""
     counts: dict[tuple[int, ...], int] = {}
     for toks in res.tokens:
         counts[tuple(toks)] = counts.get(tuple(toks), 0) + 1
-    if check_alpha:  # both accept and reject paths are exercised
-        assert 0.2 < res.stats.alpha < 0.9, res.stats.alpha
+    if alpha is not None:
+        assert alpha[0] < res.stats.alpha < alpha[1], res.stats.alpha
     return counts
 
 
-@pytest.mark.parametrize("spec", [SamplingSpec(1.0), SamplingSpec(1.0, top_p=0.8)], ids=["T1", "top_p0.8"])
-def test_sampling_follows_the_target_distribution(pair, spec: SamplingSpec) -> None:
-    expected = exact_distribution(pair[0], spec)
-    p = chi_square_p(speculative_counts(pair, spec), expected, SAMPLES)
-    assert p > SIGNIFICANCE, f"speculative samples differ from the target distribution (p = {p:.2e})"
+def check_lossless(
+    sample: Callable[[], dict[tuple[int, ...], int]],
+    target: LlamaForCausalLM,
+    spec: SamplingSpec,
+    broken: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The chi-square check of a speculative sampler's counts against the target's exact distribution.
+    `broken` first makes the sampler keep every draft token (the draft's distribution comes out): the
+    check must then fail, which shows it has the power to catch a wrong sampler."""
+    if broken:
+
+        def accept_all(p, q, drafts, generator=None):
+            n = torch.full((drafts.shape[0],), drafts.shape[1], dtype=torch.long)
+            return n, torch.multinomial(p[:, -1], 1, generator=generator).squeeze(-1)
+
+        monkeypatch.setattr(spec_mod, "accept_drafts", accept_all)
+    p = chi_square_p(sample(), exact_distribution(target, spec), SAMPLES)
+    if broken:
+        assert p < SIGNIFICANCE, f"a sampler that keeps every draft passed (p = {p:.2e})"
+    else:
+        assert p > SIGNIFICANCE, f"speculative samples differ from the target distribution (p = {p:.2e})"
 
 
-def test_a_broken_sampler_is_caught(pair, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same test fails when every draft token is accepted (the draft's distribution comes out)."""
+@pytest.mark.parametrize(
+    ("spec", "broken"),
+    [(SamplingSpec(1.0), False), (SamplingSpec(1.0, top_p=0.8), False), (SamplingSpec(1.0), True)],
+    ids=["T1", "top_p0.8", "broken-sampler"],
+)
+def test_sampling_follows_the_target_distribution(
+    pair, spec: SamplingSpec, broken: bool, monkeypatch
+) -> None:
+    def sample() -> dict[tuple[int, ...], int]:
+        gen = torch.Generator().manual_seed(1234)
+        res = generate_speculative(pair[0], pair[1], [PROMPT] * SAMPLES, spec, NEW, gamma=2, generator=gen)
+        return sequence_counts(res, None if broken else (0.2, 0.9))
 
-    def accept_all(p, q, drafts, generator=None):
-        n = torch.full((drafts.shape[0],), drafts.shape[1], dtype=torch.long)
-        return n, torch.multinomial(p[:, -1], 1, generator=generator).squeeze(-1)
-
-    monkeypatch.setattr(spec_mod, "accept_drafts", accept_all)
-    spec = SamplingSpec(1.0)
-    counts = speculative_counts(pair, spec, check_alpha=False)
-    assert chi_square_p(counts, exact_distribution(pair[0], spec), SAMPLES) < SIGNIFICANCE
+    check_lossless(sample, pair[0], spec, broken, monkeypatch)
 
 
 def test_plain_sampler_follows_the_target_distribution(pair) -> None:
     """The baseline decoder (same sampling code) passes the same test."""
     spec = SamplingSpec(1.0)
     gen = torch.Generator().manual_seed(99)
-    res = generate_plain(pair[0], [PROMPT] * SAMPLES, spec, NEW, generator=gen)
-    counts: dict[tuple[int, ...], int] = {}
-    for toks in res.tokens:
-        counts[tuple(toks)] = counts.get(tuple(toks), 0) + 1
+    counts = sequence_counts(generate_plain(pair[0], [PROMPT] * SAMPLES, spec, NEW, generator=gen))
     assert chi_square_p(counts, exact_distribution(pair[0], spec), SAMPLES) > SIGNIFICANCE
 
 

@@ -586,19 +586,23 @@ def vllm_python() -> Path:
     return _vllm_python()
 
 
+def serving(server: VllmServer, what: str) -> Iterator[VllmServer]:
+    """A server fixture's body (`yield from` it): wait until `server` is ready, hand it out, and stop it
+    afterwards, also when it never came up."""
+    try:
+        server.wait_ready()
+        print(f"\n{what} ready in {server.start_s:.1f} s on {server.url}", file=sys.stderr)
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def vllm_server(
     vllm_python: Path, smol_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[VllmServer]:
-    python = vllm_python
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    server = VllmServer(python, smol_hf_dir, log)
-    try:
-        server.wait_ready()
-        print(f"\nvLLM ready in {server.start_s:.1f} s on {server.url}", file=sys.stderr)
-        yield server
-    finally:
-        server.stop()
+    yield from serving(VllmServer(vllm_python, smol_hf_dir, log), "vLLM")
 
 
 @pytest.fixture(scope="session")

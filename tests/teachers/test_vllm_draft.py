@@ -6,7 +6,6 @@ decoding is lossless). Slow: one vLLM start, about a minute here."""
 from __future__ import annotations
 
 import json
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from distill.generation.engine import generate_tokens
 from distill.generation.sampling import SamplingSpec
 from distill.models.loading import save_student
 from distill.models.student import prune_depth
-from tests.teachers.test_served import VllmServer
+from tests.teachers.test_served import VllmServer, serving
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +44,7 @@ def draft_server(
     spec = {"method": "draft_model", "model": str(drafter_dir), "num_speculative_tokens": 3}
     log = tmp_path_factory.mktemp("vllm-draft") / "server.log"
     server = VllmServer(vllm_python, smol_hf_dir, log, ("--speculative-config", json.dumps(spec)))
-    try:
-        server.wait_ready()
-        print(f"\nvLLM with a draft model ready in {server.start_s:.1f} s", file=sys.stderr)
-        yield server
-    finally:
-        server.stop()
+    yield from serving(server, "vLLM with a draft model")
 
 
 def _metric(server: VllmServer, name: str) -> float:

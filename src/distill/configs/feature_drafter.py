@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import Field
 
 from distill.configs.base import DISTRIBUTION, HIDDEN_STATES, register_method_config
-from distill.configs.lm import Divergence, LMMethodConfig
+from distill.configs.lm import DivergenceConfig
 
 if TYPE_CHECKING:
     from distill.recipe_base import RecipeBase
 
 
 @register_method_config
-class FeatureDrafterConfig(LMMethodConfig):
+class FeatureDrafterConfig(DivergenceConfig):
     """A feature-level drafter (EAGLE, Li et al. 2024): one decoder layer reading the target's last hidden
     state and the next token's embedding, trained at every answer position to give the target's next-token
     distribution (`divergence`) and its next hidden state (smooth-L1, `feature_weight`). `draft_vocab: K`
@@ -25,10 +25,6 @@ class FeatureDrafterConfig(LMMethodConfig):
     exactly) is available."""
 
     name: Literal["feature_drafter"] = "feature_drafter"
-    divergence: Divergence = "forward_kl"
-    temperature: float = Field(default=1.0, gt=0)
-    beta: float = Field(default=0.5, ge=0, le=1)
-    alpha: float = Field(default=0.1, ge=0, lt=1)
     feature_weight: float = Field(default=1.0, ge=0)
     draft_vocab: int | None = Field(default=None, ge=1)
 

@@ -37,16 +37,22 @@ class LMMethodConfig(MethodConfigBase):
         return True
 
 
-@register_method_config
-class LogitKDConfig(LMMethodConfig):
-    """Match the teacher's next-token distribution on the training text (Hinton et al. 2015; GKD's
-    divergences, Agarwal et al. 2024)."""
+class DivergenceConfig(LMMethodConfig):
+    """Fields of a method that matches the teacher's next-token distribution with one of GKD's divergences
+    (Agarwal et al. 2024): `beta` mixes JSD, `alpha` the skew KLs. Not a method itself: no `name`."""
 
-    name: Literal["logit_kd"] = "logit_kd"
     divergence: Divergence = "forward_kl"
     temperature: float = Field(default=1.0, gt=0)
     beta: float = Field(default=0.5, ge=0, le=1)
     alpha: float = Field(default=0.1, ge=0, lt=1)
+
+
+@register_method_config
+class LogitKDConfig(DivergenceConfig):
+    """Match the teacher's next-token distribution on the training text (Hinton et al. 2015; GKD's
+    divergences, Agarwal et al. 2024)."""
+
+    name: Literal["logit_kd"] = "logit_kd"
     kd_weight: float = Field(default=1.0, ge=0)
     ce_weight: float = Field(default=0.0, ge=0)
     tail: Literal["bucket", "renormalize"] = "bucket"  # sparse (cached/served) teachers only

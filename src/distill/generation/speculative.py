@@ -167,9 +167,90 @@ def _next_gamma(gamma: int, accepted: list[int], round_gamma: int, gamma_max: in
     return gamma
 
 
+class DraftSide:
+    """The draft's part in the rounds of `generate_speculative`. This one drafts from token ids alone (a
+    small LM with its own cache); `feature_speculative` overrides the hooks where a drafter reads more."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.stream: KVStream
+
+    def open(self, target: PreTrainedModel, prompts: list[list[int]], vocab: int | None) -> KVStream:
+        """Build both caches and feed them all but each prompt's last token, which the first round feeds;
+        returns the target's stream."""
+        tgt, self.stream = KVStream(target, len(prompts), vocab), KVStream(self.model, len(prompts), vocab)
+        ids, valid = left_pad([p[:-1] for p in prompts])
+        if ids.shape[1]:
+            for stream in (tgt, self.stream):
+                stream.forward(ids.to(stream.device), valid.to(stream.device), keep=1)
+        for stream in (tgt, self.stream):
+            stream.pending = [[p[-1]] for p in prompts]
+        return tgt
+
+    def can_draft(self) -> bool:
+        """Whether every row has what a draft step reads (else the round only verifies)."""
+        return True
+
+    def prepare_first(self, width: int) -> None:
+        """Set what the round's first step reads besides its `width` pending ids (nothing here)."""
+
+    def prepare_next(self) -> None:
+        """Set what a later step reads besides the last drafted id (nothing here)."""
+
+    def to_target(self, q: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's distribution and drafted ids over the target's vocabulary (already are here)."""
+        return q, x
+
+    def propose(
+        self,
+        g: int,
+        width: int,
+        spec: SamplingSpec,
+        generator: torch.Generator | None,
+        stats: SpeculativeStats,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Draft g >= 1 tokens per row: their distributions q and the drafted ids."""
+        qs: list[torch.Tensor] = []
+        xs: list[torch.Tensor] = []
+        self.prepare_first(width)
+        logits = self.stream.feed_pending(keep=1)
+        ones = torch.ones(len(self.stream.pending), 1, dtype=torch.bool, device=self.stream.device)
+        for i in range(g):
+            if i:
+                self.prepare_next()
+                logits = self.stream.forward(xs[-1][:, None], ones, keep=1)
+            q = next_token_probs(logits[:, -1], spec)
+            q, x = self.to_target(q, draw(q, spec, generator))
+            qs.append(q)
+            xs.append(x)
+            stats.draft_step_calls += 1
+        return qs, xs
+
+    def verified(self, width: int) -> None:
+        """Called right after the target's verifying forward (`width`: its pending block's width)."""
+
+    def roll_back(self, start: int, width: int, accepted: torch.Tensor, g: int) -> None:
+        """After a round that drafted g >= 1: keep the pending block and the accepted drafts but the last
+        (the draft never fed its own last token)."""
+        self.stream.keep_new(start, accepted.clamp(max=g - 1), first=width)
+
+    def commit(self, j: int, new: list[int], g: int) -> None:
+        """Queue row j's committed tokens `new` (kept drafts, then the next token) for the draft's next feed:
+        only those its cache lacks."""
+        pending = self.stream.pending
+        if not g:
+            pending[j] = [*pending[j], *new]
+        else:
+            pending[j] = new[-2:] if len(new) == g + 1 else new[-1:]
+
+    def select_rows(self, keep: list[int]) -> None:
+        """Keep only these rows (finished rows leave the batch)."""
+        self.stream.select_rows(torch.tensor(keep))
+
+
 def generate_speculative(
     target: PreTrainedModel,
-    draft: PreTrainedModel,
+    draft: PreTrainedModel | DraftSide,
     prompts: list[list[int]],
     spec: SamplingSpec,
     max_new_tokens: int,
@@ -184,9 +265,9 @@ def generate_speculative(
     """Speculative decoding of `prompts` (token ids, any lengths): the same distribution as
     `generate_plain` on the target, with fewer target forwards when the draft agrees with it.
 
-    `adaptive` moves gamma within [1, gamma_max] (default 2 * gamma) after each round. `vocab` cuts both
-    models' logits to the shared tokenizer's size (heads padded past it). Returns the new tokens per
-    prompt and `SpeculativeStats`."""
+    `draft`: a small LM, or a `DraftSide` for other drafters. `adaptive` moves gamma within [1, gamma_max]
+    (default 2 * gamma) after each round. `vocab` cuts the logits to the shared tokenizer's size (heads
+    padded past it). Returns the new tokens per prompt and `SpeculativeStats`."""
     _check(prompts, max_new_tokens)
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
@@ -196,56 +277,42 @@ def generate_speculative(
     outs: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens == 0:
         return DecodeResult(outs, stats)
-    tgt, drf = KVStream(target, len(prompts), vocab), KVStream(draft, len(prompts), vocab)
-    ids, valid = left_pad([p[:-1] for p in prompts])
-    if ids.shape[1]:  # everything but the last prompt token, which each round feeds
-        for stream in (tgt, drf):
-            stream.forward(ids.to(stream.device), valid.to(stream.device), keep=1)
-    for stream in (tgt, drf):
-        stream.pending = [[p[-1]] for p in prompts]
+    side = draft if isinstance(draft, DraftSide) else DraftSide(draft)
+    tgt = side.open(target, prompts, vocab)
+    drf = side.stream
     stats.prefill_seconds, draft_prefill = tgt.seconds + drf.seconds, drf.seconds
     rows = list(range(len(prompts)))
     current = min(gamma, gamma_max)
     while rows:
         g = max(0, min(current, max(max_new_tokens - len(outs[r]) for r in rows) - 1))
+        if not side.can_draft():
+            g = 0
         t0 = time.perf_counter()
         d_start, d_width = drf.slots, max(len(p) for p in drf.pending)
-        qs: list[torch.Tensor] = []
-        xs: list[torch.Tensor] = []
-        if g:
-            logits = drf.feed_pending(keep=1)
-            ones = torch.ones(len(rows), 1, dtype=torch.bool, device=drf.device)
-            for i in range(g):
-                if i:
-                    logits = drf.forward(xs[-1][:, None], ones, keep=1)
-                qs.append(next_token_probs(logits[:, -1], spec))
-                xs.append(draw(qs[-1], spec, generator))
-                stats.draft_step_calls += 1
+        qs, xs = side.propose(g, d_width, spec, generator, stats) if g else ([], [])
         sync(drf.device)
         t1 = time.perf_counter()
         stats.draft_seconds += t1 - t0
         t_start, t_width = tgt.slots, max(len(p) for p in tgt.pending)
         drafts = torch.stack(xs, 1).to(tgt.device) if g else torch.zeros(len(rows), 0, dtype=torch.long)
         p = next_token_probs(tgt.feed_pending(keep=g + 1, extra=drafts.to(tgt.device)), spec)
+        side.verified(t_width)
         q = torch.stack(qs, 1).to(p.device) if g else p[:, :0]
         n, nxt = accept_drafts(p, q, drafts.to(p.device), generator)
         stats.verify_calls += 1
         stats.verify_seconds += time.perf_counter() - t1
         tgt.keep_new(t_start, n, first=t_width)
         if g:
-            drf.keep_new(d_start, n.clamp(max=g - 1), first=d_width)
+            side.roll_back(d_start, d_width, n, g)
         accepted, finished = n.tolist(), []
         drafted, nxt_list = drafts.tolist(), nxt.tolist()
         produced = 0
         for j, r in enumerate(rows):
-            k, c = accepted[j], nxt_list[j]
-            tgt.pending[j] = [c]
-            if not g:
-                drf.pending[j] = [*drf.pending[j], c]
-            else:
-                drf.pending[j] = [drafted[j][g - 1], c] if k == g else [c]
+            new = [*drafted[j][: accepted[j]], nxt_list[j]]
+            tgt.pending[j] = new[-1:]
+            side.commit(j, new, g)
             before = len(outs[r])
-            if _take(outs[r], [*drafted[j][:k], c], max_new_tokens, eos_ids):
+            if _take(outs[r], new, max_new_tokens, eos_ids):
                 finished.append(j)
             produced += len(outs[r]) - before
         stats.record_round(g, accepted, produced)
@@ -255,8 +322,8 @@ def generate_speculative(
             keep = [j for j in range(len(rows)) if j not in set(finished)]
             if not keep:
                 break
-            for stream in (tgt, drf):
-                stream.select_rows(torch.tensor(keep))
+            tgt.select_rows(torch.tensor(keep))
+            side.select_rows(keep)
             rows = [rows[j] for j in keep]
     stats.target_calls, stats.draft_calls = tgt.calls, drf.calls
     stats.draft_forward_seconds = drf.seconds - draft_prefill

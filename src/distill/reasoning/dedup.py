@@ -125,47 +125,42 @@ def deduplicate(
         survivors = [i for i in survivors if i not in dropped]
     if near_threshold is not None:
         grams = {i: word_ngrams(texts[i], ngram) for i in survivors}
-        find = _near_pairwise if method == "pairwise" else _near_lsh
-        near = find(survivors, grams, group_of, near_threshold, num_perm)
+        near = _near_duplicates(survivors, grams, group_of, near_threshold, method, num_perm)
         dropped.update({i: ("near", j) for i, j in near.items()})
     return DedupResult([i for i in range(len(texts)) if i not in dropped], dropped)
 
 
-def _near_pairwise(
+def _near_duplicates(
     items: list[int],
     grams: dict[int, frozenset[tuple[str, ...]]],
     group_of: Sequence[Hashable],
     threshold: float,
+    method: str,
     num_perm: int,
 ) -> dict[int, int]:
-    kept: dict[Hashable, list[int]] = {}
-    out: dict[int, int] = {}
-    for i in items:
-        peers = kept.setdefault(group_of[i], [])
-        match = next((j for j in peers if jaccard(grams[i], grams[j]) >= threshold), None)
-        if match is None:
-            peers.append(i)
-        else:
-            out[i] = match
-    return out
+    """Greedy in list order: item i's match is the earliest of its candidates with Jaccard >= `threshold`;
+    unmatched items are kept. Candidates are kept items sharing a bucket with i: one bucket per group
+    ("pairwise": all of the group), or one per group and LSH band (merged back into list order)."""
+    if method == "pairwise":
 
+        def keys_of(i: int) -> list[Hashable]:
+            return [group_of[i]]
 
-def _near_lsh(
-    items: list[int],
-    grams: dict[int, frozenset[tuple[str, ...]]],
-    group_of: Sequence[Hashable],
-    threshold: float,
-    num_perm: int,
-) -> dict[int, int]:
-    hasher = MinHasher(num_perm)
-    bands, rows = lsh_bands(threshold, num_perm)
-    buckets: dict[tuple[Hashable, int, tuple[int, ...]], list[int]] = {}
+    else:
+        hasher = MinHasher(num_perm)
+        bands, rows = lsh_bands(threshold, num_perm)
+
+        def keys_of(i: int) -> list[Hashable]:
+            sig = hasher.signature(grams[i])
+            return [(group_of[i], b, sig[b * rows : (b + 1) * rows]) for b in range(bands)]
+
+    buckets: dict[Hashable, list[int]] = {}
     rank = {i: r for r, i in enumerate(items)}
     out: dict[int, int] = {}
     for i in items:
-        sig = hasher.signature(grams[i])
-        keys = [(group_of[i], b, sig[b * rows : (b + 1) * rows]) for b in range(bands)]
-        candidates = sorted({j for key in keys for j in buckets.get(key, ())}, key=rank.__getitem__)
+        keys = keys_of(i)
+        found = [j for key in keys for j in buckets.get(key, ())]
+        candidates = sorted(set(found), key=rank.__getitem__) if len(keys) > 1 else found
         match = next((j for j in candidates if jaccard(grams[i], grams[j]) >= threshold), None)
         if match is None:
             for key in keys:
