@@ -227,6 +227,12 @@ def test_changed_settings_on_resume_stop_with_one_line(
     assert folder_hashes(tmp_path / "f") == before
     # batch size and the output path are not part of what makes the data
     run(config(prompts, tmp_path / "f", batch_size=3), FakeSampler(answers))
+    # filters are re-applied to the stored samples: nothing is sampled again, the kept set changes
+    kept_before = (tmp_path / "f" / "kept.jsonl").read_text()
+    again = FakeSampler(answers)
+    run(config(prompts, tmp_path / "f", filters={"require_answer": False, "require_finished": False}), again)
+    assert again.calls == 0
+    assert (tmp_path / "f" / "kept.jsonl").read_text() != kept_before
 
 
 def test_bad_prompt_rows_name_file_and_line(tmp_path: Path, setup: tuple[Path, dict[str, str]]) -> None:

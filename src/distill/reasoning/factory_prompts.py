@@ -131,11 +131,23 @@ def sha256_json(data: Any) -> str:
 def factory_fingerprint(
     cfg: FactoryConfig, rows: list[PromptRow], teacher: str, seed: int, system_prompt: str | None
 ) -> str:
-    """What makes the data: the factory settings (not where it is written, not batch size, not the prompt
-    file's path: its rows count instead), the prompts, the teacher and its sampling, seed, system prompt."""
+    """What makes the samples and their verdicts: the factory's sampling, split, shard and sandbox
+    settings (not where it is written, not batch size, not the prompt file's path: its rows count
+    instead), the prompts, the teacher, seed, system prompt. Dedup, filters, pairing and the
+    contamination n-gram are left out: they are re-applied to the stored samples on every run, so
+    changing them reuses the generation instead of refusing the folder."""
+    post = {
+        "output",
+        "batch_size",
+        "prompts",
+        "dedup",
+        "filters",
+        "contamination_ngram",
+        "max_pairs_per_prompt",
+    }
     return sha256_json(
         {
-            "factory": cfg.model_dump(exclude={"output", "batch_size", "prompts"}),
+            "factory": cfg.model_dump(exclude=post),
             "prompts": [r.row() for r in rows],
             "teacher": teacher,
             "seed": seed,
