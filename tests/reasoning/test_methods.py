@@ -35,14 +35,6 @@ V = 48
 PHASE = Phase()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _pairs(n: int = 6, seed: int = 0) -> list[Pair]:
     """Pairs sharing a prompt; the two answers use disjoint token ranges so they never coincide."""
     g = torch.Generator().manual_seed(seed)

@@ -36,6 +36,7 @@ from distill.recipe import ModelConfig, ServedTeacherConfig
 from distill.teachers import served_protocols
 from distill.teachers.served_client import ServedTeacherError
 from distill.teachers.served_source import ServedTeacherSource
+from distill.teachers.vllm_launch import free_port, start_vllm
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,12 +46,6 @@ LOGPROB_TOL = 1e-3
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class FakeTokenizer:
@@ -516,23 +511,8 @@ class VllmServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = log_path
-        env = dict(
-            os.environ,
-            VLLM_CPU_KVCACHE_SPACE="2",
-            HF_HUB_OFFLINE="1",
-            VLLM_NO_USAGE_STATS="1",
-            DO_NOT_TRACK="1",
-        )
-        cmd = [
-            str(python), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model_dir), "--served-model-name", "smol",
-            "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--max-logprobs", "64",
-            "--host", "127.0.0.1", "--port", str(self.port), *extra_args,
-        ]  # fmt: skip
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        self.proc = start_vllm(python, model_dir, self.port, self._log, extra_args=extra_args)
         self.start_s = float("nan")
 
     def wait_ready(self, limit_s: float = 240.0) -> None:
