@@ -170,11 +170,10 @@ def factory_sections(out: FactoryOutput) -> list[dict[str, Any]]:
     sections: list[dict[str, Any]] = [
         {"title": "Data factory", "text": text, "headers": ["task", *stages], "rows": table}
     ]
-    teacher = manifest.get("teacher_heldout")
-    if isinstance(teacher, dict) and teacher:
-        sections[0]["text"] += (
-            f" Teacher's own accuracy on its held-out samples: {_pct(teacher.get('accuracy'))}."
-        )
+    teacher = manifest.get("teacher_heldout")  # {"total": {samples, correct, accuracy}, "tasks": {...}}
+    if isinstance(teacher, dict) and isinstance(teacher.get("total"), dict):
+        accuracy = _pct(teacher["total"].get("accuracy"))
+        sections[0]["text"] += f" Teacher's own accuracy on its held-out samples: {accuracy}."
     report = manifest.get("contamination") or {}
     if report:
         sections.append(
