@@ -99,3 +99,26 @@ def test_truncated_newest_checkpoint_falls_back_to_the_one_before(tmp_path: Path
         (ckpt / "trainer_state.pt").write_bytes(b"garbage")
     with pytest.raises(InputError, match="no intact checkpoint"):
         run("classifier", out, 7, 2, resume=True)
+
+
+def test_a_finished_training_leaves_nothing_on_the_shared_accelerator(tmp_path: Path) -> None:
+    """run_recipe trains every method and seed on one accelerator: an earlier student and its optimizer
+    state must be collectable once its run is over, or memory grows with every method."""
+    import gc
+    import weakref
+
+    from distill.engine.accelerator import make_accelerator
+
+    x, y = toy_images(dtype=torch.float32)
+    cfg = TrainConfig(steps=2, lr=1e-2, schedule="constant")
+    acc = make_accelerator(cfg, tmp_path)
+    dead = []
+    for i in range(2):
+        method = ClassifierKD(small_cnn(1, dtype=torch.float32), small_cnn(2, width=8, dtype=torch.float32))
+        train(method=method, stream=ImageStream(x, y, 16, seed=0), cfg=cfg, out_dir=tmp_path / str(i), seed=0,
+              accelerator=acc)  # fmt: skip
+        dead.append(weakref.ref(method.student))
+        del method
+    gc.collect()
+    assert dead[0]() is None and dead[1]() is None
+    assert acc._models == [] and acc._optimizers == []

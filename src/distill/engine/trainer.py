@@ -251,10 +251,20 @@ def train(
         acc.end_training()
     for module in raw.values():
         module.eval()
+    _forget(acc, wrapped, groups)
     seconds = time.perf_counter() - started
     return TrainResult(
         steps=cfg.steps, seconds=seconds, history=history, resumed_from=resumed_from, notes=notes
     )
+
+
+def _forget(acc: Accelerator, wrapped: dict[str, torch.nn.Module], groups: dict[str, _Group]) -> None:
+    """Drop this run's modules and optimizers from the accelerator's registries: it keeps every object it
+    prepared, so a recipe training several methods (or seeds) on one accelerator would otherwise hold
+    every earlier student and its optimizer state until the run ends."""
+    done = {id(m) for m in wrapped.values()} | {id(g.optimizer) for g in groups.values()}
+    acc._models = [m for m in acc._models if id(m) not in done]
+    acc._optimizers = [o for o in acc._optimizers if id(o) not in done]
 
 
 def _checkpoint(
