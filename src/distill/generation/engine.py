@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
+from distill.generation.growing_cache import growing_cache
 from distill.generation.sampling import SamplingSpec, next_token_probs, sample_from
 from distill.progress import NullProgress, Progress
 
@@ -153,7 +153,10 @@ def _generate_batch(
     bsz = len(prompts)
     if prefix_len < min_prefix or bsz < 2:
         prefix_len = 0
-    runners = [_Runner(model, vocab)] + ([_Runner(mixer.other, None)] if mixer is not None else [])
+    room = max(len(p) for p in prompts) + max_new_tokens
+    runners = [_Runner(model, vocab, room)] + (
+        [_Runner(mixer.other, None, room)] if mixer is not None else []
+    )
     started = time.perf_counter()
     if prefix_len:
         prefix = torch.tensor([prompts[0][:prefix_len]], device=device)
@@ -220,11 +223,11 @@ class _Runner:
     """One model and its K/V cache: each call runs new tokens and returns the last position's logits
     (cut to `vocab` ids when given)."""
 
-    def __init__(self, model: Any, vocab: int | None) -> None:
+    def __init__(self, model: Any, vocab: int | None, room: int = 0) -> None:
         self.model = model
         self.vocab = vocab
         self.keyword = cache_keyword(model)
-        self.cache = DynamicCache(config=model.config)
+        self.cache = growing_cache(model.config, reserve=room)
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         out = self.model(**inputs, use_cache=True, logits_to_keep=1, **{self.keyword: self.cache})

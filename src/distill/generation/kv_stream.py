@@ -14,9 +14,10 @@ import time
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from distill.generation.engine import cache_keyword
+from distill.generation.growing_cache import growing_cache
 
 
 def sync(device: torch.device) -> None:
@@ -31,7 +32,7 @@ class KVStream:
     def __init__(self, model: PreTrainedModel, batch: int, vocab: int | None = None) -> None:
         self.model = model
         self.device = next(model.parameters()).device
-        self.cache = DynamicCache(config=model.config)
+        self.cache = growing_cache(model.config, reserve=256)
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
         self.pending: list[list[int]] = [[] for _ in range(batch)]
         self.vocab = vocab  # logits are cut to this many ids (heads padded past the tokenizer)
