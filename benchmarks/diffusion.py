@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from distill.cli import RichProgress
+from distill.cli_progress import RichProgress
 from distill.pipeline import run_recipe
 from distill.recipe import parse_recipe, resolve_recipe_path
 from report_output import emit, interval, seed_values

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distill.cli import RichProgress
+from distill.cli_progress import RichProgress
 
 
 def test_plain_lines_when_not_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
