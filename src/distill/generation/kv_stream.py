@@ -16,14 +16,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from distill.generation.engine import cache_keyword
+from distill.generation.engine import cache_keyword, sync
 from distill.generation.growing_cache import growing_cache
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock timings charge each forward to the phase that ran it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class KVStream:

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from distill.generation.engine import GenerationStats, generate_tokens
-from distill.generation.kv_stream import KVStream, left_pad, sync
+from distill.generation.engine import GenerationStats, generate_tokens, sync
+from distill.generation.kv_stream import KVStream, left_pad
 from distill.generation.sampling import SamplingSpec, next_token_probs, sample_from
 from distill.generation.speculative_stats import SpeculativeStats
 
