@@ -224,6 +224,11 @@ def _spread(runs: list[dict[str, Any]], key: str) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b, 0 where nothing was timed (a one-token budget runs no target-only decode step)."""
+    return a / b if b else 0.0
+
+
 def _summary(
     runs: list[dict[str, Any]],
     stats: SpeculativeStats,
@@ -249,8 +254,9 @@ def _summary(
         # Leviathan et al. price a verifying call as one target step; on a CPU it runs gamma + 1 tokens at
         # a measured multiple of that: with it, the speed-up the measured acceptance and costs allow
         "verify_cost_ratio": verify,
-        "predicted_speedup_measured_costs": stats.tokens_per_target_call
-        / (verify["median"] + mean_gamma * cost["median"]),
+        "predicted_speedup_measured_costs": _ratio(
+            stats.tokens_per_target_call, verify["median"] + mean_gamma * cost["median"]
+        ),
         "greedy": spec.greedy,
         "identical_outputs": same if spec.greedy else None,
         "prompts": len(plain_out),
