@@ -1,8 +1,8 @@
 """A K/V cache whose layers write new keys/values into spare room instead of concatenating.
 
 transformers' `DynamicLayer` appends with `torch.cat`, which copies the whole cache of every layer at
-every decode step: for SmolLM2-135M at batch 64 and ~100 cached tokens that is ~0.5 GB of copies per
-step, 15 % of a CPU decode step (torch profiler, `docs/benchmarks/generation.md`). A `GrowingLayer` keeps
+every decode step: for SmolLM2-135M at batch 64 and ~100 cached tokens that is ~0.3 GB of copies per
+step, 15 % of a CPU decode step in the torch profiler (docs/on_policy.md). A `GrowingLayer` keeps
 a buffer with room to spare (doubling when full) and hands attention a view of its filled part, so a step
 copies only its new token. Rollback (`crop`) is a shorter view; row selection and expansion copy once and
 the next write regrows the room. Layers of other kinds (sliding windows) are left as they are.
