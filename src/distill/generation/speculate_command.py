@@ -144,6 +144,11 @@ def _generator(model: PreTrainedModel, seed: int) -> torch.Generator:
     return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b, 0 where nothing was timed (a one-token budget runs no target-only decode step)."""
+    return a / b if b else 0.0
+
+
 def measure(
     target: PreTrainedModel,
     draft: PreTrainedModel,
@@ -207,8 +212,8 @@ def measure(
                 "speedup": spec_tps / plain_tps,
                 "draft_seconds_per_forward": draft_per_call,
                 "target_seconds_per_forward": target_per_call,
-                "cost_ratio": draft_per_call / target_per_call if target_per_call else 0.0,
-                "verify_cost_ratio": verify_per_call / target_per_call if target_per_call else 0.0,
+                "cost_ratio": _ratio(draft_per_call, target_per_call),
+                "verify_cost_ratio": _ratio(verify_per_call, target_per_call),
                 "target_only": plain.to_dict(),
                 "speculative": spec_stats.to_dict(),
             }
@@ -222,11 +227,6 @@ def measure(
 def _spread(runs: list[dict[str, Any]], key: str) -> dict[str, float]:
     values = [float(r[key]) for r in runs]
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def _ratio(a: float, b: float) -> float:
-    """a / b, 0 where nothing was timed (a one-token budget runs no target-only decode step)."""
-    return a / b if b else 0.0
 
 
 def _summary(
